@@ -1,0 +1,181 @@
+"""Key second moments ``C = E[k kᵀ]`` of edited projections, computed once and cached.
+
+The covariance is the expensive, method-independent part of an edit: it depends only on the
+weights, the layer, the projection, the corpus and how the corpus was cut.  So
+
+* one truncated forward pass serves every requested (role, layer): the forward stops right after
+  the highest layer needed;
+* per-batch products are formed in the compute dtype and accumulated in float64;
+* results are cached on disk under a content key; a cached file carries its key and a hash of
+  its bytes, and one that does not match is rejected (never silently used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from pipeline.editing.hooks import hooks, record_input, run_truncated, stop_after
+from pipeline.models.adapters import Adapter
+
+CACHE_FORMAT = 1
+
+
+class CovarianceCacheError(RuntimeError):
+    """A cache entry does not match its key or its content hash."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    path: Path
+    sha256: str
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Corpus:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"covariance corpus {p} does not exist")
+        h = hashlib.sha256(p.read_bytes()).hexdigest()
+        return cls(p, h)
+
+    def chunks(self, tok, max_length: int, max_texts: int = 0) -> list[list[int]]:
+        """The corpus as consecutive token windows of ``max_length`` (no padding is wasted).
+
+        Non-empty lines are tokenised (``max_texts`` > 0 keeps the first lines only), joined, and
+        cut into windows; each window starts with the tokenizer's BOS token if it has one.
+        """
+        lines = [ln.strip() for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if max_texts:
+            lines = lines[:max_texts]
+        stream: list[int] = []
+        for ids in tok(lines, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+        bos = [tok.bos_token_id] if _adds_bos(tok) else []
+        width = max_length - len(bos)
+        return [bos + stream[i : i + width] for i in range(0, len(stream), width)]
+
+
+def _adds_bos(tok) -> bool:
+    ids = tok("a")["input_ids"]
+    return tok.bos_token_id is not None and len(ids) > 0 and ids[0] == tok.bos_token_id
+
+
+def cache_key(fingerprint: str, role: str, layer: int, corpus: Corpus, n_tokens: int, n_chunks: int,
+              max_length: int, dtype: str) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "statistic": "uncentred second moment E[k k^T], float64 accumulation",
+        "model_fingerprint": fingerprint,
+        "role": role,
+        "layer": layer,
+        "corpus_sha256": corpus.sha256,
+        "n_tokens": n_tokens,
+        "n_chunks": n_chunks,
+        "max_length": max_length,
+        "dtype": dtype,
+    }
+
+
+def key_id(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def save_entry(path: Path, key: dict, cov: torch.Tensor) -> None:
+    """Atomic write: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"key": json.dumps(key, sort_keys=True), "sha256": tensor_sha256(cov)}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"cov": cov.contiguous()}, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_entry(path: Path, key: dict) -> torch.Tensor:
+    """Read a cache entry, checking that it is for ``key`` and that its bytes are intact."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            cov = f.get_tensor("cov")
+    except Exception as exc:  # truncated / corrupt file: safetensors raises several types
+        raise CovarianceCacheError(f"covariance cache entry {path} is unreadable ({exc}); delete it to recompute") from exc
+    if meta.get("key") != json.dumps(key, sort_keys=True):
+        raise CovarianceCacheError(f"covariance cache entry {path} was computed for a different key; delete it to recompute")
+    if meta.get("sha256") != tensor_sha256(cov):
+        raise CovarianceCacheError(f"covariance cache entry {path} fails its content hash (corrupted or tampered); delete it to recompute")
+    return cov
+
+
+@torch.no_grad()
+def compute_second_moments(model, adapter: Adapter, chunks: list[list[int]], targets: list[tuple[str, int]],
+                           batch_tokens: int, progress: bool = True) -> dict[tuple[str, int], torch.Tensor]:
+    """``E[k kᵀ]`` for each (role, layer) over every token of ``chunks``, in one truncated pass."""
+    device = next(model.parameters()).device
+    top = max(layer for _, layer in targets)
+    acc = {t: None for t in targets}
+    n_tokens = 0
+    store: dict = {}
+    regs = [record_input(adapter.module(model, role, layer), store, (role, layer)) for role, layer in targets]
+    regs.append(stop_after(adapter.module(model, "block", top)))
+    width = max(len(c) for c in chunks)
+    per_batch = max(1, batch_tokens // width)
+    backbone = adapter.module(model, "backbone")
+    with hooks(regs):
+        for start in tqdm(range(0, len(chunks), per_batch), desc="covariance", disable=not progress, unit="batch"):
+            batch = chunks[start : start + per_batch]
+            lens = torch.tensor([len(c) for c in batch])
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            for i, c in enumerate(batch):
+                ids[i, : len(c)] = torch.tensor(c)
+            mask = (torch.arange(width)[None, :] < lens[:, None])
+            run_truncated(lambda: backbone(input_ids=ids.to(device), attention_mask=mask.to(device).long(), use_cache=False))
+            flat_mask = mask.reshape(-1).to(device)
+            for t in targets:
+                k = store[t].reshape(-1, store[t].shape[-1])[flat_mask]
+                prod = (k.T @ k).double()
+                acc[t] = prod if acc[t] is None else acc[t].add_(prod)
+            n_tokens += int(lens.sum())
+    return {t: (acc[t] / n_tokens).cpu() for t in targets}
+
+
+def second_moments(model, tok, adapter: Adapter, fingerprint: str, corpus: Corpus, targets: list[tuple[str, int]],
+                   max_length: int, max_texts: int, batch_tokens: int, dtype: str, cache_dir: Path | None,
+                   progress: bool = True) -> tuple[dict[tuple[str, int], torch.Tensor], dict[tuple[str, int], str]]:
+    """Cached second moments and their cache ids (the ids go into the ledger as fingerprints)."""
+    chunks = corpus.chunks(tok, max_length, max_texts)
+    n_tokens = sum(len(c) for c in chunks)
+    keys = {t: cache_key(fingerprint, t[0], t[1], corpus, n_tokens, len(chunks), max_length, dtype) for t in targets}
+    ids = {t: key_id(k) for t, k in keys.items()}
+    result: dict[tuple[str, int], torch.Tensor] = {}
+    missing = []
+    for t in targets:
+        path = cache_dir / f"{ids[t]}.safetensors" if cache_dir else None
+        if path is not None and path.exists():
+            result[t] = load_entry(path, keys[t])
+        else:
+            missing.append(t)
+    if missing:
+        computed = compute_second_moments(model, adapter, chunks, missing, batch_tokens, progress)
+        for t, cov in computed.items():
+            if cache_dir:
+                save_entry(cache_dir / f"{ids[t]}.safetensors", keys[t], cov)
+            result[t] = cov
+    return result, ids

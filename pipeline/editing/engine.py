@@ -1,0 +1,206 @@
+"""``edit()``: validate, compute covariance, optimise target values, spread them over layers.
+
+The same pipeline serves every method; the :class:`~pipeline.editing.methods.Method` spec decides
+the sites, the written projections and the spread.  The model is modified while the spread runs
+(keys and current values of higher layers must see the lower layers' updates) and restored
+afterwards unless ``apply=True``; the returned deltas are exactly what replay adds, so
+``W_base + delta`` reproduces the edited weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.editing.context import context_prefixes
+from pipeline.editing.covariance import Corpus, second_moments
+from pipeline.editing.hparams import HParams, HParamsError
+from pipeline.editing.keys import request_keys, site_values
+from pipeline.editing.methods import SITE_ROLES, Method, get_method
+from pipeline.editing.requests import EditRequest, parse_requests, validate_batch
+from pipeline.editing.spread import closed_form_update, spread_divisor
+from pipeline.editing.tokens import encode_with_subject, target_ids
+from pipeline.editing.values import FullForward, PrefixCachedForward, ValueProblem, ValueResult, optimise_values
+from pipeline.models.adapters import adapter_for
+from pipeline.models.loading import cache_home, model_fingerprint
+
+ENGINES = ("fast", "reference")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class EditResult:
+    method: str
+    hparams: HParams
+    deltas: dict[str, torch.Tensor]  # parameter name → W_edited − W_base, in the parameter's layout
+    traces: list[dict]  # one row per (request, optimisation step)
+    layers: list[dict]  # one row per written (layer, role): norms of keys, residual and update
+    prefixes: list[str]
+    covariance_ids: dict[str, str]  # "role@layer" → covariance cache key id
+    steps: list[int]  # optimisation steps per request
+    timings: dict[str, float] = field(default_factory=dict)
+    applied: bool = False
+
+
+def default_corpus() -> Path:
+    """``$EDITLEDGER_CORPUS``, else the DVC-verified copy in ``data/``, else the shared mirror."""
+    candidates = [os.environ.get("EDITLEDGER_CORPUS"), PROJECT_ROOT / "data" / "wikitext" / "wikitext2_raw_test.txt",
+                  PROJECT_ROOT.parent / "shared" / "data" / "wikitext" / "wikitext2_raw_test.txt"]
+    for c in candidates:
+        if c and Path(c).exists():
+            return Path(c)
+    raise FileNotFoundError("no covariance corpus found: pass corpus= or set EDITLEDGER_CORPUS")
+
+
+def _as_requests(requests) -> list[EditRequest]:
+    if requests and all(isinstance(r, EditRequest) for r in requests):
+        validate_batch(list(requests))
+        return list(requests)
+    return parse_requests(list(requests))
+
+
+def _as_hparams(hparams) -> HParams:
+    if isinstance(hparams, HParams):
+        return hparams
+    if isinstance(hparams, dict):
+        return HParams.from_dict(hparams)
+    raise HParamsError("hparams must be an HParams or a dict (see pipeline/hparams/*.yaml)")
+
+
+def validate_inputs(model, tok, requests: list[EditRequest], method: Method, hp: HParams) -> None:
+    """Everything checkable before any model work: layers, tokenisation of every prompt/target."""
+    adapter = adapter_for(model)
+    for layer in hp.layers:
+        adapter.check_layer(model, layer)
+    for r in requests:
+        encode_with_subject(tok, r.prompt, r.subject)
+        target_ids(tok, r.target_new)
+
+
+def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | dict | None = None, *,
+         apply: bool = False, engine: str = "fast", corpus: str | Path | Corpus | None = None,
+         cache_dir: str | Path | None = None, fingerprint: str | None = None, progress: bool = True) -> EditResult:
+    """Edit ``requests`` into ``model`` with ``method``; return the weight deltas and traces.
+
+    The model is left unchanged unless ``apply`` is true.  ``engine='reference'`` optimises each
+    request separately through full forwards (the oracle the fast batched engine is tested
+    against).  ``cache_dir`` holds covariance entries (default: the editledger cache).
+    """
+    spec = get_method(method)
+    if hparams is None:
+        raise HParamsError("hparams are required (e.g. load_hparams('smollm2-135m-instruct', method))")
+    hp = _as_hparams(hparams)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    reqs = _as_requests(requests)
+    validate_inputs(model, tokenizer, reqs, spec, hp)
+    adapter = adapter_for(model)
+    timings: dict[str, float] = {}
+    was_training = model.training
+    grad_flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    model.requires_grad_(False)
+    try:
+        t0 = time.perf_counter()
+        corpus = corpus if isinstance(corpus, Corpus) else Corpus.from_file(corpus or default_corpus())
+        cache = Path(cache_dir) if cache_dir is not None else cache_home() / "covariance"
+        fp = fingerprint or model_fingerprint(model)
+        targets = [(role, layer) for layer in hp.layers for role, _ in spec.writes]
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        covs, cov_ids = second_moments(model, tokenizer, adapter, fp, corpus, targets, hp.cov_max_length,
+                                       hp.cov_max_texts, hp.cov_batch_tokens, dtype, cache, progress)
+        timings["covariance_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        prefixes = context_prefixes(model, tokenizer, hp)
+        timings["prefixes_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        values = _optimise(model, tokenizer, adapter, reqs, prefixes, spec, hp, engine)
+        timings["values_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        deltas, layer_rows = _spread(model, tokenizer, adapter, reqs, prefixes, spec, hp, values, covs, apply)
+        timings["spread_s"] = time.perf_counter() - t0
+    finally:
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return EditResult(
+        method=spec.name, hparams=hp, deltas=deltas, traces=values.trace, layers=layer_rows, prefixes=prefixes,
+        covariance_ids={f"{role}@{layer}": cov_ids[(role, layer)] for role, layer in targets},
+        steps=values.steps.tolist(), timings=timings, applied=apply,
+    )
+
+
+def _optimise(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, engine: str) -> ValueResult:
+    layer = hp.layers[-1]
+    dims = {s: adapter.in_out_dims(model, SITE_ROLES[s], layer)[1] if s != "residual" else model.config.hidden_size
+            for s in spec.sites}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if engine == "fast":
+        problem = ValueProblem.build(tok, reqs, prefixes)
+        return optimise_values(PrefixCachedForward(model, adapter, problem, layer, spec.sites, pad), spec.sites, dims, hp)
+    parts = []
+    for r in reqs:  # the reference code's per-request loop
+        problem = ValueProblem.build(tok, [r], prefixes)
+        parts.append(optimise_values(FullForward(model, adapter, problem, layer, spec.sites, pad), spec.sites, dims, hp))
+    trace = [{**row, "request": i} for i, part in enumerate(parts) for row in part.trace]
+    cat = lambda attr: {s: torch.cat([getattr(p, attr)[s] for p in parts]) for s in spec.sites}  # noqa: E731
+    return ValueResult(cat("targets"), cat("init"), cat("deltas"), torch.cat([p.steps for p in parts]), trace)
+
+
+@torch.no_grad()
+def _spread(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, values: ValueResult,
+            covs: dict, apply: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Write each critical layer, lowest first, recomputing keys and values with current weights."""
+    last = hp.layers[-1]
+    written = {adapter.parameter_name(role, layer): (role, layer) for layer in hp.layers for role, _ in spec.writes}
+    originals = {name: adapter.module(model, role, layer).weight.detach().clone() for name, (role, layer) in written.items()}
+    rows = []
+    try:
+        for i, layer in enumerate(hp.layers):
+            remaining = len(hp.layers) - i
+            for role, site in spec.writes:
+                keys = request_keys(model, tok, adapter, reqs, prefixes, role, layer)
+                current = site_values(model, tok, adapter, reqs, site, last)
+                resid = (values.targets[site] - current) / spread_divisor(spec.spread, remaining)
+                upd = closed_form_update(keys, resid, covs[(role, layer)], hp.mom2_update_weight)
+                if not torch.isfinite(upd).all():
+                    raise FloatingPointError(f"non-finite update at layer {layer} ({role}); check λ and the covariance")
+                w = adapter.weight(model, role, layer)
+                w.add_(upd.to(w.dtype))
+                rows.append({"layer": layer, "role": role, "site": site, "divisor": spread_divisor(spec.spread, remaining),
+                             "key_norm": float(keys.norm(dim=-1).mean()), "resid_norm": float(resid.norm(dim=-1).mean()),
+                             "target_gap_norm": float((values.targets[site] - current).norm(dim=-1).mean()),
+                             "update_norm": float(upd.norm())})
+        deltas = {}
+        for name, (role, layer) in written.items():
+            param = adapter.module(model, role, layer).weight
+            deltas[name] = (param.detach() - originals[name]).cpu()
+            param.copy_(originals[name] + deltas[name].to(param.device))  # the replayable state
+    except BaseException:
+        apply = False
+        raise
+    finally:
+        if not apply:
+            for name, (role, layer) in written.items():
+                adapter.module(model, role, layer).weight.copy_(originals[name])
+    return deltas, rows
+
+
+@torch.no_grad()
+def apply_deltas(model, deltas: dict[str, torch.Tensor], sign: int = 1) -> None:
+    """Add (``sign=1``) or subtract recorded deltas in place; ``W + Δ`` is exactly the edited state."""
+    params = dict(model.named_parameters())
+    for name, d in deltas.items():
+        if name not in params:
+            raise KeyError(f"delta for unknown parameter {name!r}")
+        p = params[name]
+        if p.shape != d.shape:
+            raise ValueError(f"delta for {name} has shape {tuple(d.shape)}, parameter has {tuple(p.shape)}")
+        p.add_(d.to(p.device, p.dtype), alpha=sign)

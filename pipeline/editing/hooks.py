@@ -1,0 +1,91 @@
+"""Forward hooks: read a module's input/output, rewrite its output, stop the forward early.
+
+All editing code reads and writes hidden states through these few functions so that every
+architecture goes through the same, tested path (blocks that return tuples and blocks that return
+tensors alike).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the needed layer has run."""
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_first(output, tensor):
+    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+
+@contextmanager
+def hooks(registrations: list[Callable[[], torch.utils.hooks.RemovableHandle]]) -> Iterator[None]:
+    """Register hooks for the duration of a ``with`` block; always removed, even on error."""
+    with ExitStack() as stack:
+        for register in registrations:
+            stack.callback(register().remove)
+        yield
+
+
+def record_input(module: nn.Module, store: dict, key) -> Callable:
+    """Hook factory: ``store[key]`` = the module's first positional input (e.g. the MLP key)."""
+
+    def register():
+        return module.register_forward_pre_hook(lambda _m, args: store.__setitem__(key, args[0]))
+
+    return register
+
+
+def record_output(module: nn.Module, store: dict, key) -> Callable:
+    """Hook factory: ``store[key]`` = the module's output tensor (first element of a tuple)."""
+
+    def register():
+        return module.register_forward_hook(lambda _m, _a, out: store.__setitem__(key, _first(out)))
+
+    return register
+
+
+def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """Hook factory: replace the module's output tensor ``t`` by ``fn(t)``."""
+
+    def register():
+        return module.register_forward_hook(lambda _m, _a, out: _with_first(out, fn(_first(out))))
+
+    return register
+
+
+def stop_after(module: nn.Module) -> Callable:
+    """Hook factory: abort the forward right after ``module`` (no wasted upper layers)."""
+
+    def _raise(_m, _a, _o):
+        raise StopForward
+
+    def register():
+        return module.register_forward_hook(_raise)
+
+    return register
+
+
+def run_truncated(forward: Callable[[], object]) -> None:
+    """Run a forward that a :func:`stop_after` hook may cut short."""
+    try:
+        forward()
+    except StopForward:
+        pass
+
+
+def add_at(rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An output rewrite adding ``delta[i]`` at position ``(rows[i], cols[i])`` (autograd-safe)."""
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return t.index_put((rows, cols), delta.to(t.dtype), accumulate=True)
+
+    return fn

@@ -1,0 +1,304 @@
+"""Target values: optimise one vector per request and site, for a whole batch at once.
+
+For each request the rewriting prompts are ``prefix_j + prompt(subject) + o*[:-1]`` and one KL
+prompt ``"{subject} is a"``.  A vector ``δ_site`` is added at the subject's last token at each
+optimised site of the last critical layer; the loss is
+
+    φ · mean_j NLL(o* | prompt_j)  +  kl_factor · KL(P_δ ‖ P_0) at the KL prompt
+    + v_weight_decay · Σ_site ‖δ_site‖ / ‖h_site‖²
+
+optimised with Adam; after each step each ``δ_site`` is clamped to
+``clamp_norm_factor · ‖h_site‖``.  Requests never interact (their sequences are independent and
+Adam is element-wise), so one batched forward/backward equals N separate optimisations; a request
+that meets its stopping rule is frozen and dropped from later forwards.
+
+Two forward strategies compute the same logits:
+
+* :class:`FullForward` – the reference: whole sequences through the whole model, all positions.
+* :class:`PrefixCachedForward` – the fast path: nothing before the subject's last token depends on
+  ``δ``, so those tokens run once (no grad) into a KV cache and every step only runs the suffix,
+  and the LM head is applied only where a loss is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from pipeline.editing.hooks import add_at, edit_output, hooks
+from pipeline.editing.hparams import HParams
+from pipeline.editing.methods import SITE_ROLES
+from pipeline.editing.requests import EditRequest
+from pipeline.editing.tokens import Encoded, encode_with_subject, pad_right, target_ids
+from pipeline.models.adapters import Adapter
+
+KL_TEMPLATE = "{} is a"
+
+
+class OptimisationError(RuntimeError):
+    """Non-finite values appeared while optimising target values."""
+
+
+@dataclass
+class ValueProblem:
+    """The tokenised sequences of a batch: rewriting prompts per request, then one KL prompt each."""
+
+    n_requests: int
+    encoded: list[Encoded]
+    seq_request: torch.Tensor  # [S] request of each sequence
+    first_rewrite: torch.Tensor  # [N] index of each request's prefix-free rewriting sequence
+    kl_seq: torch.Tensor  # [N] index of each request's KL sequence
+    tgt_seq: torch.Tensor  # [T] sequence of each predicted target token
+    tgt_pos: torch.Tensor  # [T] position whose logits predict it
+    tgt_tok: torch.Tensor  # [T] the target token id
+    tgt_count: torch.Tensor  # [S] target tokens per sequence (0 for KL sequences)
+
+    @classmethod
+    def build(cls, tok, requests: list[EditRequest], prefixes: list[str]) -> ValueProblem:
+        encoded, seq_request, first, kl = [], [], [], []
+        tgt_seq, tgt_pos, tgt_tok, counts = [], [], [], []
+        for i, r in enumerate(requests):
+            tgt = target_ids(tok, r.target_new)
+            for j, prefix in enumerate(prefixes):
+                e = encode_with_subject(tok, prefix + r.prompt, r.subject)
+                s = len(encoded)
+                if j == 0:
+                    first.append(s)
+                encoded.append(Encoded(e.ids + tgt[:-1], e.subject_last))
+                seq_request.append(i)
+                counts.append(len(tgt))
+                for t, tid in enumerate(tgt):
+                    tgt_seq.append(s)
+                    tgt_pos.append(len(e.ids) - 1 + t)
+                    tgt_tok.append(tid)
+        for i, r in enumerate(requests):
+            kl.append(len(encoded))
+            encoded.append(encode_with_subject(tok, KL_TEMPLATE, r.subject))
+            seq_request.append(i)
+            counts.append(0)
+        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        return cls(len(requests), encoded, t(seq_request), t(first), t(kl), t(tgt_seq), t(tgt_pos), t(tgt_tok), t(counts))
+
+
+@dataclass
+class StepOutput:
+    tgt_logits: torch.Tensor  # [T_active, V] at the active target positions
+    kl_logits: torch.Tensor  # [N_active, V] at the subject-last token of the KL prompts
+    site_init: dict[str, torch.Tensor]  # site → [N_active, d] value before δ (first rewriting prompt)
+
+
+class _Forward:
+    """Shared plumbing: which sequences/targets belong to the active requests."""
+
+    def __init__(self, model, adapter: Adapter, problem: ValueProblem, layer: int, sites: tuple[str, ...], pad_id: int):
+        self.model, self.adapter, self.p, self.layer, self.sites, self.pad_id = model, adapter, problem, layer, sites, pad_id
+        self.device = next(model.parameters()).device
+        self.backbone = adapter.module(model, "backbone")
+
+    def select(self, active: torch.Tensor):
+        """Sequence indices, target mask and request→row map for the active requests."""
+        p = self.p
+        seqs = torch.nonzero(active[p.seq_request]).squeeze(1)
+        tgt_mask = active[p.seq_request[p.tgt_seq]]
+        return seqs, tgt_mask
+
+    def _hook_regs(self, deltas: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor,
+                   seq_req_row: torch.Tensor, first_rows: torch.Tensor, init: dict):
+        regs = []
+        for site in self.sites:
+            module = self.adapter.module(self.model, SITE_ROLES[site], self.layer)
+
+            def fn(h, site=site):
+                init[site] = h[first_rows, cols[first_rows]].detach()
+                return add_at(rows, cols, deltas[site][seq_req_row])(h)
+
+            regs.append(edit_output(module, fn))
+        return regs
+
+
+class FullForward(_Forward):
+    """Reference strategy: the whole right-padded sequences, logits everywhere."""
+
+    def __call__(self, deltas: dict[str, torch.Tensor], active: torch.Tensor) -> StepOutput:
+        p = self.p
+        seqs, tgt_mask = self.select(active)
+        local = torch.full((len(p.encoded),), -1, dtype=torch.long)
+        local[seqs] = torch.arange(len(seqs))
+        req_row = torch.cumsum(active.long(), 0) - 1  # request → row in the active δ
+        ids, mask = pad_right([p.encoded[s].ids for s in seqs.tolist()], self.pad_id)
+        rows = torch.arange(len(seqs))
+        cols = torch.tensor([p.encoded[s].subject_last for s in seqs.tolist()])
+        first_rows = local[p.first_rewrite[active]]
+        init: dict = {}
+        regs = self._hook_regs(deltas, rows.to(self.device), cols.to(self.device), req_row[p.seq_request[seqs]].to(self.device), first_rows.to(self.device), init)
+        with hooks(regs):
+            hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).last_hidden_state
+        logits = self.adapter.logits(self.model, hidden)
+        tgt_rows = local[p.tgt_seq[tgt_mask]].to(self.device)
+        kl_rows = local[p.kl_seq[active]].to(self.device)
+        kl_cols = cols.to(self.device)[kl_rows]
+        return StepOutput(logits[tgt_rows, p.tgt_pos[tgt_mask].to(self.device)], logits[kl_rows, kl_cols], init)
+
+
+class PrefixCachedForward(_Forward):
+    """Fast strategy: the part before each subject's last token is run once into a KV cache."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        p = self.p
+        self.prefix_len = torch.tensor([e.subject_last for e in p.encoded])
+        self._kv = None  # per-layer (keys, values) of all sequences' left-padded prefixes
+        self._cache_for: torch.Tensor | None = None
+        self._selected: list = []
+        self._prefix_width = int(self.prefix_len.max())
+        if self._prefix_width:
+            self._kv = self._run_prefixes()
+
+    @torch.no_grad()
+    def _run_prefixes(self):
+        p, W = self.p, self._prefix_width
+        ids = torch.full((len(p.encoded), W), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(p.encoded), W), dtype=torch.long)
+        for i, e in enumerate(p.encoded):
+            n = e.subject_last
+            if n:
+                ids[i, W - n :] = torch.tensor(e.ids[:n])
+                mask[i, W - n :] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos.to(self.device),
+                      past_key_values=cache, use_cache=True)
+        self._prefix_mask = mask
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _cache_rows(self, seqs: torch.Tensor):
+        """A fresh cache holding the prefixes of ``seqs`` (the suffix pass appends to it)."""
+        if self._kv is None:
+            return None
+        if self._cache_for is None or not torch.equal(self._cache_for, seqs):
+            idx = seqs.to(self.device)
+            self._selected = [(k[idx], v[idx]) for k, v in self._kv]
+            self._cache_for = seqs.clone()
+        return DynamicCache(ddp_cache_data=self._selected, config=self.model.config)
+
+    def __call__(self, deltas: dict[str, torch.Tensor], active: torch.Tensor) -> StepOutput:
+        p, W = self.p, self._prefix_width
+        seqs, tgt_mask = self.select(active)
+        local = torch.full((len(p.encoded),), -1, dtype=torch.long)
+        local[seqs] = torch.arange(len(seqs))
+        req_row = torch.cumsum(active.long(), 0) - 1
+        sl = self.prefix_len[seqs]
+        ids, smask = pad_right([p.encoded[s].ids[p.encoded[s].subject_last :] for s in seqs.tolist()], self.pad_id)
+        pos = sl[:, None] + torch.arange(ids.shape[1])[None, :]
+        mask = torch.cat([self._prefix_mask[seqs], smask], 1) if W else smask
+        cache = self._cache_rows(seqs)
+        rows = torch.arange(len(seqs))
+        cols = torch.zeros(len(seqs), dtype=torch.long)
+        first_rows = local[p.first_rewrite[active]]
+        init: dict = {}
+        regs = self._hook_regs(deltas, rows.to(self.device), cols.to(self.device), req_row[p.seq_request[seqs]].to(self.device), first_rows.to(self.device), init)
+        with hooks(regs):
+            hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                   position_ids=pos.to(self.device), past_key_values=cache,
+                                   use_cache=cache is not None).last_hidden_state
+        tgt_rows = local[p.tgt_seq[tgt_mask]]
+        tgt_cols = p.tgt_pos[tgt_mask] - self.prefix_len[p.tgt_seq[tgt_mask]]
+        kl_rows = local[p.kl_seq[active]]
+        gathered = torch.cat([hidden[tgt_rows.to(self.device), tgt_cols.to(self.device)], hidden[kl_rows.to(self.device), 0]])
+        logits = self.adapter.logits(self.model, gathered)
+        n_t = len(tgt_rows)
+        return StepOutput(logits[:n_t], logits[n_t:], init)
+
+
+@dataclass
+class ValueResult:
+    targets: dict[str, torch.Tensor]  # site → [N, d] target value h_init + δ
+    init: dict[str, torch.Tensor]  # site → [N, d] value before δ
+    deltas: dict[str, torch.Tensor]  # site → [N, d]
+    steps: torch.Tensor  # [N] optimisation steps taken per request
+    trace: list[dict] = field(default_factory=list)  # one row per (request, step)
+
+
+def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, int], hp: HParams) -> ValueResult:
+    """Jointly optimise δ for every request and site (per-request stopping, per-site clamps)."""
+    p = forward.p
+    N, device = p.n_requests, forward.device
+    dtype = next(forward.model.parameters()).dtype
+    delta = {s: torch.zeros(N, dims[s], device=device, dtype=dtype, requires_grad=True) for s in sites}
+    opt = torch.optim.Adam(list(delta.values()), lr=hp.v_lr)
+    active = torch.ones(N, dtype=torch.bool)
+    nll_w = torch.full((N,), hp.nll_weight, dtype=dtype, device=device)
+    steps = torch.zeros(N, dtype=torch.long)
+    init: dict[str, torch.Tensor] = {}
+    init_kl: torch.Tensor | None = None
+    trace: list[dict] = []
+    for it in range(hp.v_num_grad_steps):
+        idx = torch.nonzero(active).squeeze(1)
+        out = forward({s: delta[s][idx.to(device)] for s in sites}, active)
+        if it == 0:
+            init = {s: v.detach().clone() for s, v in out.site_init.items()}
+            init_kl = F.log_softmax(out.kl_logits.float(), -1).detach()
+        req_act = idx.to(device)
+        # --- per-request NLL over its rewriting prompts (mean over tokens per prompt, then prompts)
+        tgt_mask = active[p.seq_request[p.tgt_seq]]
+        logp = F.log_softmax(out.tgt_logits.float(), -1)
+        tok_lp = logp.gather(1, p.tgt_tok[tgt_mask].to(device)[:, None]).squeeze(1)
+        seq_of_tok = p.tgt_seq[tgt_mask].to(device)
+        per_seq = torch.zeros(len(p.encoded), device=device).index_add_(0, seq_of_tok, tok_lp)
+        counts = p.tgt_count.to(device).clamp(min=1).float()
+        per_seq = per_seq / counts
+        rewrite_seq = (p.tgt_count > 0).to(device)
+        req_of_seq = p.seq_request.to(device)
+        nll = -torch.zeros(N, device=device).index_add_(0, req_of_seq[rewrite_seq], per_seq[rewrite_seq])
+        n_prompts = torch.zeros(N, device=device).index_add_(0, req_of_seq[rewrite_seq], torch.ones(int(rewrite_seq.sum()), device=device))
+        nll = (nll / n_prompts)[req_act]
+        # --- argmax check: o* is the top token at every target position of every rewriting prompt
+        is_top = (logp.argmax(-1) == p.tgt_tok[tgt_mask].to(device)).float()
+        misses = torch.zeros(N, device=device).index_add_(0, req_of_seq[seq_of_tok], 1 - is_top)[req_act]
+        # --- KL at the subject-last token of "{s} is a", against the unedited distribution
+        cur_kl = F.log_softmax(out.kl_logits.float(), -1)
+        ref_kl = init_kl[req_act]
+        kl = (cur_kl.exp() * (cur_kl - ref_kl)).sum(-1)
+        # --- weight decay relative to each site's own norm
+        wd = sum(delta[s][req_act].norm(dim=-1) / init[s][req_act].norm(dim=-1) ** 2 for s in sites)
+        loss = nll_w[req_act] * nll + hp.kl_factor * kl + hp.v_weight_decay * wd
+        if not torch.isfinite(loss).all():
+            bad = idx[~torch.isfinite(loss).cpu()].tolist()
+            raise OptimisationError(f"non-finite loss at step {it} for request(s) {bad}; lower v_lr or check the model")
+        rec = torch.stack([loss, nll, kl, wd, nll_w[req_act], misses]).detach().cpu().tolist()
+        norms = {s: delta[s][req_act].detach().norm(dim=-1).cpu().tolist() for s in sites}
+        for k, r in enumerate(idx.tolist()):
+            trace.append({"request": r, "step": it, "loss": rec[0][k], "nll": rec[1][k], "kl": rec[2][k],
+                          "weight_decay": rec[3][k], "nll_weight": rec[4][k], "argmax": rec[5][k] == 0,
+                          **{f"norm_{s}": norms[s][k] for s in sites}})
+        steps[idx] = it
+        # --- stopping rules, decided before the step (as the reference code does)
+        done = (loss < hp.loss_stop).cpu()
+        if hp.nll_weight_after_argmax is not None:
+            reached = (misses == 0).cpu()
+            nll_w[idx[reached].to(device)] = hp.nll_weight_after_argmax
+            done |= reached & (kl <= hp.kl_stop).cpu()
+        active[idx[done]] = False
+        if it == hp.v_num_grad_steps - 1 or not active.any():
+            break
+        keep = loss[~done.to(device)].sum()
+        opt.zero_grad(set_to_none=False)
+        keep.backward()
+        frozen = {s: delta[s].detach()[~active.to(device)].clone() for s in sites}
+        opt.step()
+        with torch.no_grad():
+            for s in sites:
+                d = delta[s]
+                d[~active.to(device)] = frozen[s]
+                max_norm = hp.clamp_norm_factor * init[s].norm(dim=-1)
+                norms = d.norm(dim=-1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+                d.mul_(scale[:, None])
+                if not torch.isfinite(d).all():
+                    raise OptimisationError(f"non-finite δ at step {it}; lower v_lr or check the model")
+    final = {s: delta[s].detach() for s in sites}
+    return ValueResult(targets={s: init[s] + final[s] for s in sites}, init=init, deltas=final, steps=steps + 1, trace=trace)
+
