@@ -50,15 +50,15 @@ class Corpus:
     def chunks(self, tok, max_length: int, max_texts: int = 0) -> list[list[int]]:
         """The corpus as consecutive token windows of ``max_length`` (no padding is wasted).
 
-        Non-empty lines are tokenised (``max_texts`` > 0 keeps the first lines only), joined, and
-        cut into windows; each window starts with the tokenizer's BOS token if it has one.
+        Non-empty lines (``max_texts`` > 0 keeps the first lines only) are joined by newlines,
+        tokenised, and cut into windows; each window starts with the tokenizer's BOS token if it has one.
         """
         lines = [ln.strip() for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if max_texts:
             lines = lines[:max_texts]
-        stream: list[int] = []
-        for ids in tok(lines, add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
+        if not lines:
+            raise ValueError(f"covariance corpus {self.path} has no text")
+        stream: list[int] = tok("\n".join(lines), add_special_tokens=False)["input_ids"]
         bos = [tok.bos_token_id] if _adds_bos(tok) else []
         width = max_length - len(bos)
         return [bos + stream[i : i + width] for i in range(0, len(stream), width)]

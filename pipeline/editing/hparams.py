@@ -69,7 +69,9 @@ class HParams:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise HParamsError(f"{name} must be an integer ≥ 1, got {v!r}")
-        if not isinstance(self.cov_max_texts, int) or self.cov_max_texts < 0:
+        if self.cov_max_length < 8:
+            raise HParamsError(f"cov_max_length must be ≥ 8 tokens, got {self.cov_max_length}")
+        if not isinstance(self.cov_max_texts, int) or isinstance(self.cov_max_texts, bool) or self.cov_max_texts < 0:
             raise HParamsError(f"cov_max_texts must be an integer ≥ 0 (0 = all), got {self.cov_max_texts!r}")
 
     @classmethod

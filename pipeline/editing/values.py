@@ -168,7 +168,9 @@ class PrefixCachedForward(_Forward):
                 ids[i, W - n :] = torch.tensor(e.ids[:n])
                 mask[i, W - n :] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        # no config: sliding-window layers would keep only the last window of the prefix, and the
+        # rebuilt cache would no longer line up with the prefix attention mask
+        cache = DynamicCache()
         self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos.to(self.device),
                       past_key_values=cache, use_cache=True)
         self._prefix_mask = mask
@@ -182,7 +184,7 @@ class PrefixCachedForward(_Forward):
             idx = seqs.to(self.device)
             self._selected = [(k[idx], v[idx]) for k, v in self._kv]
             self._cache_for = seqs.clone()
-        return DynamicCache(ddp_cache_data=self._selected, config=self.model.config)
+        return DynamicCache(ddp_cache_data=self._selected)
 
     def __call__(self, deltas: dict[str, torch.Tensor], active: torch.Tensor) -> StepOutput:
         p, W = self.p, self._prefix_width

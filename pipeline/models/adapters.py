@@ -87,7 +87,7 @@ class Adapter:
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of final-normed hidden states (with the config's soft-capping)."""
         logits = self.module(model, "lm_head")(hidden)
-        cap = getattr(model.config, "final_logit_softcapping", None)
+        cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
@@ -127,6 +127,18 @@ FAMILIES: dict[str, Adapter] = {
         mlp_post_norm="model.layers.{}.post_feedforward_layernorm",
         **_LLAMA_LIKE,
     ),
+    # Gemma-3 checkpoints with the multimodal config: the text decoder sits under language_model.
+    "gemma3": Adapter(
+        family="gemma3",
+        backbone="model.language_model",
+        blocks="model.language_model.layers",
+        block="model.language_model.layers.{}",
+        mlp_out="model.language_model.layers.{}.mlp.down_proj",
+        attn_out="model.language_model.layers.{}.self_attn.o_proj",
+        final_norm="model.language_model.norm",
+        lm_head="lm_head",
+        mlp_post_norm="model.language_model.layers.{}.post_feedforward_layernorm",
+    ),
     "gpt2": Adapter(
         family="gpt2",
         backbone="transformer",
@@ -161,8 +173,6 @@ FAMILIES: dict[str, Adapter] = {
         parallel=True,  # use_parallel_residual=True is the GPT-NeoX/Pythia default
     ),
 }
-# Gemma-3 checkpoints loaded through the multimodal config carry the text model under this type.
-FAMILIES["gemma3"] = FAMILIES["gemma3_text"]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

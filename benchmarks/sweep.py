@@ -1,0 +1,73 @@
+"""Hyper-parameter sweep for a model with no published setting (documented in sweep_*.md).
+
+For each (method, edited layers, value-optimisation settings) the target values are optimised
+once and then spread with every λ in the grid (the values do not depend on λ), so a grid costs
+one optimisation per row group.  Requests come from a slice of CounterFact dev that is disjoint
+from the slice used for the reported results.
+
+    python benchmarks/sweep.py --start 1000 --n 30 --grid benchmarks/sweep_grid.json --out benchmarks/results/sweep.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from pipeline.editing.context import context_prefixes
+from pipeline.editing.covariance import Corpus, second_moments
+from pipeline.editing.engine import _optimise, _spread, default_corpus
+from pipeline.editing.hparams import load_hparams
+from pipeline.editing.methods import get_method
+from pipeline.editing.requests import parse_requests
+from pipeline.evaluation.protocols import evaluate
+from pipeline.models.adapters import adapter_for
+from pipeline.models.loading import cache_home, load_model
+
+app = typer.Typer(add_completion=False)
+COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "multi_counterfact_dev.json"
+
+
+@app.command()
+def main(grid: Path, out: Path, start: int = 1000, n: int = 30, model: str = "smollm2-135m-instruct",
+         hparams: str = "smollm2-135m-instruct", data: Path = COUNTERFACT):
+    lm = load_model(model)
+    m, tok = lm.model, lm.tokenizer
+    adapter = adapter_for(m)
+    reqs = parse_requests(json.loads(data.read_text())[start : start + n])
+    pre, _ = evaluate(m, tok, reqs)
+    corpus = Corpus.from_file(default_corpus())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for group in json.loads(grid.read_text()):
+        spec = get_method(group["method"])
+        lams = group.pop("lambdas")
+        hp = load_hparams(hparams, spec.hparams_from, {k: v for k, v in group.items() if k != "method"})
+        targets = [(role, layer) for layer in hp.layers for role, _ in spec.writes]
+        covs, _ = second_moments(m, tok, adapter, lm.fingerprint, corpus, targets, hp.cov_max_length, hp.cov_max_texts,
+                                 hp.cov_batch_tokens, "float32", cache_home() / "covariance", progress=False)
+        prefixes = context_prefixes(m, tok, hp)
+        t0 = time.perf_counter()
+        values = _optimise(m, tok, adapter, reqs, prefixes, spec, hp, "fast")
+        t_values = time.perf_counter() - t0
+        opt_ok = sum(1 for r in values.trace if r["step"] == values.steps[r["request"]] - 1 and r["argmax"]) / len(reqs)
+        for lam in lams:
+            hp_l = hp.replace(mom2_update_weight=lam)
+            _spread(m, tok, adapter, reqs, prefixes, spec, hp_l, values, covs, apply=True)
+            post, _ = evaluate(m, tok, reqs)
+            # undo: reload the edited parameters from disk-free originals by re-spreading is costly; reload instead
+            lm2 = load_model(model)
+            m.load_state_dict(lm2.model.state_dict())
+            row = {"method": spec.name, **{k: v for k, v in hp_l.to_dict().items() if k in group or k == "mom2_update_weight" or k == "layers"},
+                   "n": n, "start": start, "values_s": round(t_values, 1), "opt_argmax": opt_ok,
+                   "mean_steps": sum(values.steps.tolist()) / len(reqs),
+                   "pre": {k: round(pre[k], 4) for k in ("efficacy", "generalization", "specificity")},
+                   "post": {k: round(post[k], 4) for k in ("efficacy", "generalization", "specificity", "score")}}
+            print(json.dumps(row), flush=True)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,336 @@
+"""The entry schema: what an entry *is* (hashed) and what its manifest *records* (checked).
+
+``entry.json`` holds the content that defines an entry; the entry id is the sha256 of its canonical
+JSON, so the id changes whenever anything that defines the edit changes: the parent id (which makes
+the ids a hash chain), the kind, the canonical requests, the method and hyper-parameters, the
+base-model fingerprint, the covariance fingerprints, and for revert/drop the target and mode.  The
+deltas are *not* part of the id — they are a result, recorded by hash in the manifest — so a rerun
+of the same batch on the same state has the same id even if its floating-point result differs.
+
+Kinds
+-----
+``edit``    a batch of requests applied with a method (its deltas are stored beside it).
+            ``reapplies`` names the entry it re-computes during an exact drop, else null.
+``revert``  the active state becomes the state right after ``target`` (or ``"base"``).
+``drop``    remove batch ``target`` from the middle.  ``mode="exact"``: the state is reset to the
+            part of the history before it and the later batches are recomputed on that state and
+            recorded as new edit entries (the plan is listed in ``reapply``).  ``mode="fast"``: its
+            delta is subtracted; the result is only approximately the state without it and the
+            manifest says ``approximate: true``.
+
+``state.json`` (the manifest) is written last and makes the entry committed.  It records the id,
+sequence number, file hashes, weight fingerprints before and after, library versions, timings,
+metrics and status, and ends with ``digest`` = sha256 of its own canonical JSON without ``digest``,
+so that any change to it is detectable without an outside reference.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from pipeline.ledger.atomic import canonical_json, sha256_json
+from pipeline.ledger.errors import EntrySchemaError
+
+SCHEMA = 1
+KINDS = ("edit", "revert", "drop")
+DROP_MODES = ("exact", "fast")
+BASE = "base"  # revert target meaning "the base model, no edits"
+STATUS_COMMITTED = "committed"
+
+_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+_REQUEST_KEYS = ("subject", "prompt", "target_new", "target_true", "relation_id", "case_id")
+_CONTENT_KEYS = {
+    "edit": {"schema", "kind", "parent", "base_fingerprint", "requests", "method", "hparams", "covariance_ids",
+             "reapplies"},
+    "revert": {"schema", "kind", "parent", "base_fingerprint", "target"},
+    "drop": {"schema", "kind", "parent", "base_fingerprint", "target", "mode", "reapply"},
+}
+_MANIFEST_KEYS = {"schema", "id", "seq", "kind", "parent", "status", "approximate", "active", "files", "deltas",
+                  "fingerprints", "versions", "timings", "metrics", "created_at", "digest"}
+
+
+def is_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(_ID_RE.match(value))
+
+
+# ----------------------------------------------------------------------------------------- content
+
+def canonical_request(req: Any) -> dict:
+    """An ``EditRequest`` (anything with ``canonical()``) or a dict → the hashed request fields."""
+    data = req.canonical() if hasattr(req, "canonical") else req
+    if not isinstance(data, Mapping):
+        raise EntrySchemaError(f"a request must be an EditRequest or a dict, got {type(req).__name__}")
+    out = {k: data.get(k) for k in _REQUEST_KEYS}
+    for k in ("subject", "prompt", "target_new"):
+        if not isinstance(out[k], str) or not out[k]:
+            raise EntrySchemaError(f"request field {k!r} must be a non-empty string, got {out[k]!r}")
+    return out
+
+
+def canonical_requests(requests: Iterable[Any]) -> list[dict]:
+    reqs = [canonical_request(r) for r in requests]
+    if not reqs:
+        raise EntrySchemaError("an edit entry needs at least one request")
+    return reqs
+
+
+def _plain(obj: Any, what: str) -> Any:
+    """Round-trip through canonical JSON: tuples become lists, non-JSON values fail loudly here."""
+    import json
+
+    try:
+        return json.loads(canonical_json(obj))
+    except (TypeError, ValueError) as exc:
+        raise EntrySchemaError(f"{what} is not plain JSON: {exc}") from exc
+
+
+def edit_content(parent: str | None, base_fingerprint: str, requests: Iterable[Any], method: str,
+                 hparams: Mapping[str, Any] | Any, covariance_ids: Mapping[str, str] | None,
+                 reapplies: str | None = None) -> dict:
+    """The hashed content of an edit entry (``hparams`` may be an ``HParams`` or a dict)."""
+    hp = hparams.to_dict() if hasattr(hparams, "to_dict") else hparams
+    content = {
+        "schema": SCHEMA, "kind": "edit", "parent": parent, "base_fingerprint": base_fingerprint,
+        "requests": canonical_requests(requests), "method": method, "hparams": _plain(dict(hp or {}), "hparams"),
+        "covariance_ids": _plain(dict(covariance_ids or {}), "covariance_ids"), "reapplies": reapplies,
+    }
+    validate_content(content)
+    return content
+
+
+def revert_content(parent: str, base_fingerprint: str, target: str) -> dict:
+    content = {"schema": SCHEMA, "kind": "revert", "parent": parent, "base_fingerprint": base_fingerprint,
+               "target": target}
+    validate_content(content)
+    return content
+
+
+def drop_content(parent: str, base_fingerprint: str, target: str, mode: str, reapply: Iterable[str] = ()) -> dict:
+    content = {"schema": SCHEMA, "kind": "drop", "parent": parent, "base_fingerprint": base_fingerprint,
+               "target": target, "mode": mode, "reapply": list(reapply)}
+    validate_content(content)
+    return content
+
+
+def entry_id(content: Mapping[str, Any]) -> str:
+    """sha256 over the canonical JSON of the entry content (what ``entry.json`` holds)."""
+    return sha256_json(content)
+
+
+def validate_content(content: Any) -> None:
+    """Structural checks of entry content; raises :class:`EntrySchemaError` naming the field."""
+    if not isinstance(content, dict):
+        raise EntrySchemaError("entry content must be a JSON object")
+    kind = content.get("kind")
+    if kind not in KINDS:
+        raise EntrySchemaError(f"unknown entry kind {kind!r}; expected one of {KINDS}")
+    keys = set(content)
+    if keys != _CONTENT_KEYS[kind]:
+        missing, extra = _CONTENT_KEYS[kind] - keys, keys - _CONTENT_KEYS[kind]
+        raise EntrySchemaError(f"{kind} entry fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    if content["schema"] != SCHEMA:
+        raise EntrySchemaError(f"unsupported entry schema {content['schema']!r} (this editledger reads {SCHEMA})")
+    if content["parent"] is not None and not is_id(content["parent"]):
+        raise EntrySchemaError(f"parent must be a 64-hex id or null, got {content['parent']!r}")
+    if not isinstance(content["base_fingerprint"], str) or not content["base_fingerprint"]:
+        raise EntrySchemaError("base_fingerprint must be a non-empty string")
+    if kind == "edit":
+        if not isinstance(content["requests"], list) or not content["requests"]:
+            raise EntrySchemaError("requests must be a non-empty list")
+        for r in content["requests"]:
+            if not isinstance(r, dict) or set(r) != set(_REQUEST_KEYS):
+                raise EntrySchemaError(f"request must have exactly the fields {_REQUEST_KEYS}")
+        if not isinstance(content["method"], str) or not content["method"]:
+            raise EntrySchemaError("method must be a non-empty string")
+        if not isinstance(content["hparams"], dict):
+            raise EntrySchemaError("hparams must be an object")
+        cov = content["covariance_ids"]
+        if not isinstance(cov, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cov.items()):
+            raise EntrySchemaError("covariance_ids must map strings to strings")
+        if content["reapplies"] is not None and not is_id(content["reapplies"]):
+            raise EntrySchemaError("reapplies must be an entry id or null")
+    elif kind == "revert":
+        if content["target"] != BASE and not is_id(content["target"]):
+            raise EntrySchemaError(f"revert target must be an entry id or {BASE!r}")
+        if content["parent"] is None:
+            raise EntrySchemaError("a revert cannot be the first entry")
+    else:
+        if not is_id(content["target"]):
+            raise EntrySchemaError("drop target must be an entry id")
+        if content["mode"] not in DROP_MODES:
+            raise EntrySchemaError(f"drop mode must be one of {DROP_MODES}, got {content['mode']!r}")
+        plan = content["reapply"]
+        if not isinstance(plan, list) or not all(is_id(x) for x in plan):
+            raise EntrySchemaError("reapply must be a list of entry ids")
+        if content["mode"] == "fast" and plan:
+            raise EntrySchemaError("a fast drop re-applies nothing")
+        if content["parent"] is None:
+            raise EntrySchemaError("a drop cannot be the first entry")
+
+
+# ---------------------------------------------------------------------------------------- manifest
+
+def library_versions() -> dict[str, str | None]:
+    """Versions that can change floating-point results, recorded for the audit trail."""
+    from importlib import metadata
+
+    import torch
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("transformers", "safetensors", "editledger"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    if out["editledger"] is None:
+        from pipeline import __version__
+
+        out["editledger"] = __version__
+    return out
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    return sha256_json({k: v for k, v in manifest.items() if k != "digest"})
+
+
+def build_manifest(*, content: Mapping[str, Any], seq: int, files: Mapping[str, str], deltas: dict | None,
+                   fingerprints: dict, approximate: bool, active: list[str], timings: Mapping[str, float] | None,
+                   metrics: Mapping[str, Any] | None) -> dict:
+    """The committed manifest of an entry, sealed with its digest."""
+    manifest = {
+        "schema": SCHEMA, "id": entry_id(content), "seq": seq, "kind": content["kind"], "parent": content["parent"],
+        "status": STATUS_COMMITTED, "approximate": bool(approximate), "active": list(active), "files": dict(files),
+        "deltas": deltas, "fingerprints": fingerprints, "versions": library_versions(),
+        "timings": {k: float(v) for k, v in (timings or {}).items()},
+        "metrics": _plain(dict(metrics), "metrics") if metrics is not None else None,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    manifest["digest"] = manifest_digest(manifest)
+    return manifest
+
+
+def check_manifest(manifest: Any) -> None:
+    """Schema and self-digest of a manifest; raises :class:`EntrySchemaError`."""
+    if not isinstance(manifest, dict):
+        raise EntrySchemaError("state.json must be a JSON object")
+    keys = set(manifest)
+    if keys != _MANIFEST_KEYS:
+        raise EntrySchemaError(f"state.json fields: missing {sorted(_MANIFEST_KEYS - keys)}, "
+                               f"unexpected {sorted(keys - _MANIFEST_KEYS)}")
+    if manifest["digest"] != manifest_digest(manifest):
+        raise EntrySchemaError("state.json digest does not match its content")
+    if manifest["status"] != STATUS_COMMITTED:
+        raise EntrySchemaError(f"status is {manifest['status']!r}, not {STATUS_COMMITTED!r}")
+    if not is_id(manifest["id"]) or not isinstance(manifest["seq"], int) or manifest["seq"] < 1:
+        raise EntrySchemaError("state.json id/seq malformed")
+    if not isinstance(manifest["files"], dict) or "entry.json" not in manifest["files"]:
+        raise EntrySchemaError("state.json lists no entry.json hash")
+    fps = manifest["fingerprints"]
+    if not isinstance(fps, dict) or set(fps) != {"before", "after"}:
+        raise EntrySchemaError("state.json fingerprints must have 'before' and 'after'")
+
+
+# ------------------------------------------------------------------------------------------- entry
+
+@dataclass(frozen=True)
+class Entry:
+    """A committed entry as read from disk (content = entry.json, manifest = state.json)."""
+
+    id: str
+    seq: int
+    dirname: str
+    path: Path
+    content: dict
+    manifest: dict
+
+    # content
+    @property
+    def kind(self) -> str:
+        return self.content["kind"]
+
+    @property
+    def parent(self) -> str | None:
+        return self.content["parent"]
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.content["base_fingerprint"]
+
+    @property
+    def requests(self) -> list[dict]:
+        return self.content.get("requests") or []
+
+    @property
+    def method(self) -> str | None:
+        return self.content.get("method")
+
+    @property
+    def hparams(self) -> dict | None:
+        return self.content.get("hparams")
+
+    @property
+    def covariance_ids(self) -> dict:
+        return self.content.get("covariance_ids") or {}
+
+    @property
+    def reapplies(self) -> str | None:
+        return self.content.get("reapplies")
+
+    @property
+    def target(self) -> str | None:
+        return self.content.get("target")
+
+    @property
+    def mode(self) -> str | None:
+        return self.content.get("mode")
+
+    @property
+    def reapply_plan(self) -> tuple[str, ...]:
+        return tuple(self.content.get("reapply") or ())
+
+    # manifest
+    @property
+    def approximate(self) -> bool:
+        return bool(self.manifest["approximate"])
+
+    @property
+    def active(self) -> list[str]:
+        return list(self.manifest["active"])
+
+    @property
+    def fingerprints(self) -> dict:
+        return self.manifest["fingerprints"]
+
+    @property
+    def delta_params(self) -> dict[str, dict]:
+        d = self.manifest.get("deltas")
+        return dict(d["params"]) if d else {}
+
+    @property
+    def metrics(self) -> dict | None:
+        return self.manifest.get("metrics")
+
+    @property
+    def short(self) -> str:
+        return self.id[:12]
+
+    def summary(self) -> dict:
+        """What ``editledger show``/``log`` print: content and manifest fields, flattened a little."""
+        out = {"seq": self.seq, "id": self.id, "dir": self.dirname, "kind": self.kind, "parent": self.parent,
+               "approximate": self.approximate, "active": self.active, "created_at": self.manifest["created_at"]}
+        if self.kind == "edit":
+            out.update(method=self.method, n_requests=len(self.requests), requests=self.requests,
+                       hparams=self.hparams, covariance_ids=self.covariance_ids, reapplies=self.reapplies,
+                       deltas=self.delta_params)
+        else:
+            out.update(target=self.target)
+            if self.kind == "drop":
+                out.update(mode=self.mode, reapply=list(self.reapply_plan))
+        out.update(fingerprints=self.fingerprints, versions=self.manifest["versions"],
+                   timings=self.manifest["timings"], metrics=self.metrics)
+        return out

@@ -1,0 +1,141 @@
+"""Rebuilding weights from the ledger (``materialize``) and comparing two points in it (``diff``).
+
+``materialize`` replays the operations of a state onto the base model and then checks the result
+against the fingerprint recorded when that state was created, so a returned model is guaranteed to
+be bit-for-bit the recorded one.  ``diff`` compares two states: which requests are active in one
+and not the other, the norm of each side's net weight change per parameter and per layer, and the
+change of every recorded metric.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.ledger.atomic import canonical_json
+from pipeline.ledger.chain import EMPTY, ChainState
+from pipeline.ledger.entry import BASE, Entry
+from pipeline.ledger.errors import BaseMismatchError, LedgerCorruptError
+from pipeline.ledger.store import load, load_deltas, resolve_ref
+from pipeline.ledger.weights import Replayer, check_record
+from pipeline.models.loading import model_fingerprint
+
+
+def _point(chain: list[Entry], states: list[ChainState], ref: str | None) -> tuple[Entry | str, ChainState]:
+    if ref is None:
+        return (chain[-1], states[-1]) if chain else (BASE, EMPTY)
+    t = resolve_ref(chain, ref)
+    return (t, EMPTY) if t == BASE else (t, states[t.seq - 1])
+
+
+def materialize(ledger_dir: str | Path, upto: str | None, base_model: nn.Module, *, inplace: bool = False,
+                check: bool = True) -> nn.Module:
+    """The model in the state right after ``upto`` (default: the current state; ``'base'``: none).
+
+    Works on a deep copy of ``base_model`` unless ``inplace``.  With ``check`` (default) the base
+    fingerprint is checked first and the result against the recorded 'after' fingerprint.
+    """
+    chain, states = load(ledger_dir)
+    model = base_model if inplace else copy.deepcopy(base_model)
+    if check and chain and model_fingerprint(model) != chain[0].base_fingerprint:
+        raise BaseMismatchError("base_model is not the ledger's base model (fingerprint differs)")
+    target, state = _point(chain, states, upto)
+    by_id = {e.id: e for e in chain}
+    Replayer(model, lambda eid: load_deltas(by_id[eid])).goto(state.ops)
+    if check and target != BASE:
+        why = check_record(model, target.fingerprints["after"])
+        if why:
+            raise LedgerCorruptError(target.dirname, f"replay does not reproduce the recorded weights: {why}", target.id)
+    return model
+
+
+@dataclass
+class Side:
+    """One point of a diff."""
+
+    ref: str
+    entry_id: str | None
+    seq: int | None
+    active: list[str]
+    requests: list[dict]
+    param_norms: dict[str, float]  # Frobenius norm of the net weight change from the base
+    layer_norms: dict[str, float]  # the same, combined per layer ("other" for unnumbered names)
+    metrics: dict | None
+    approximate: bool
+
+
+@dataclass
+class LedgerDiff:
+    a: Side
+    b: Side
+    requests_added: list[dict] = field(default_factory=list)  # active in b, not in a
+    requests_removed: list[dict] = field(default_factory=list)  # active in a, not in b
+    metric_changes: dict[str, dict] = field(default_factory=dict)  # flat key → {"a", "b", "change"}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def _layer_of(name: str) -> str:
+    m = _LAYER_RE.search(name)
+    return m.group(1) if m else "other"
+
+
+def _side(ref: str, target: Entry | str, state: ChainState, by_id: dict[str, Entry]) -> Side:
+    net: dict[str, torch.Tensor] = {}
+    for eid, sign in state.ops:
+        for n, d in load_deltas(by_id[eid]).items():
+            net[n] = net.get(n, torch.zeros(d.shape, dtype=torch.float64)) + sign * d.double()
+    norms = {n: float(t.norm()) for n, t in sorted(net.items())}
+    layers: dict[str, float] = {}
+    for n, v in norms.items():
+        layers[_layer_of(n)] = layers.get(_layer_of(n), 0.0) + v * v
+    requests = [r for eid in state.active for r in by_id[eid].requests]
+    is_entry = isinstance(target, Entry)
+    return Side(ref, target.id if is_entry else None, target.seq if is_entry else None, list(state.active), requests,
+                norms, {k: v ** 0.5 for k, v in sorted(layers.items())}, target.metrics if is_entry else None,
+                state.approximate)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def diff(ledger_dir: str | Path, a: str, b: str) -> LedgerDiff:
+    """Compare the states after ``a`` and ``b`` (references as in :func:`resolve_ref`, or ``'base'``)."""
+    chain, states = load(ledger_dir)
+    by_id = {e.id: e for e in chain}
+    sa = _side(a, *_point(chain, states, a), by_id)
+    sb = _side(b, *_point(chain, states, b), by_id)
+    keys_a = {canonical_json(r) for r in sa.requests}
+    keys_b = {canonical_json(r) for r in sb.requests}
+    out = LedgerDiff(sa, sb, [r for r in sb.requests if canonical_json(r) not in keys_a],
+                     [r for r in sa.requests if canonical_json(r) not in keys_b])
+    ma, mb = _flatten(sa.metrics or {}), _flatten(sb.metrics or {})
+    for k in sorted(set(ma) | set(mb)):
+        va, vb = ma.get(k), mb.get(k)
+        if va == vb:
+            continue
+        row = {"a": va, "b": vb}
+        if _is_number(va) and _is_number(vb):
+            row["change"] = vb - va
+        out.metric_changes[k] = row
+    return out

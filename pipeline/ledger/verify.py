@@ -1,0 +1,135 @@
+"""``verify``: is the ledger intact, and does replaying it give the recorded weights bit for bit?
+
+Checks, in entry order, stopping at the FIRST bad entry (everything after it hangs off a broken
+link, so further reports would only be noise):
+
+* every file of a committed entry: ``state.json`` canonical and sealed by its digest,
+  ``entry.json`` canonical and hashing to the entry id, every file listed in the manifest
+  (deltas included) matching its sha256, delta tensors as recorded;
+* the chain: dense sequence numbers, each parent = the previous id, one base model, fingerprints
+  that connect, reverts/drops that make sense, recorded active sets that match the chain;
+* with ``replay=True``: the base model from ``load_base()`` has the recorded base fingerprint, and
+  replaying the active chain after each entry reproduces the recorded before/after weight
+  fingerprints (full model and edited parameters) exactly.
+
+Incomplete (interrupted) entries are listed, not failed: they were never committed.  The result is
+a structured object; the CLI prints it and exits non-zero when ``ok`` is false.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from pipeline.ledger.chain import EMPTY, ChainState
+from pipeline.ledger.entry import Entry
+from pipeline.ledger.errors import LedgerCorruptError
+from pipeline.ledger.store import STATE_FILE, load_deltas, scan, walk
+from pipeline.ledger.weights import Replayer, check_record
+from pipeline.models.loading import model_fingerprint
+
+
+@dataclass
+class VerifyIssue:
+    dirname: str
+    entry_id: str | None  # full id when readable, else None (the directory name holds its prefix)
+    seq: int | None
+    reason: str
+    stage: str  # "files" (hashes, chain, structure) | "replay"
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    entries: int  # committed entries found
+    checked: int  # committed entries that passed, in order, before the first bad one
+    first_bad: VerifyIssue | None = None
+    incomplete: list[str] = field(default_factory=list)
+    replayed: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def message(self) -> str:
+        if self.ok:
+            how = "hash chain and replay" if self.replayed else "hash chain"
+            return f"ok: {self.checked} entries verified ({how})" + (
+                f"; {len(self.incomplete)} incomplete entr{'y' if len(self.incomplete) == 1 else 'ies'} ignored"
+                if self.incomplete else "")
+        b = self.first_bad
+        return f"FAILED at {b.dirname}{f' ({b.entry_id})' if b.entry_id else ''}: {b.reason}"
+
+
+def _issue(exc: LedgerCorruptError, stage: str = "files") -> VerifyIssue:
+    seq = int(exc.dirname.split("-", 1)[0]) if exc.dirname[:1].isdigit() else None
+    return VerifyIssue(exc.dirname, exc.entry_id, seq, exc.reason, stage)
+
+
+def _replay(chain: list[Entry], states: list[ChainState], load_base: Callable[[], nn.Module]) -> VerifyIssue | None:
+    model = load_base()
+    first = chain[0]
+    if model_fingerprint(model) != first.base_fingerprint:
+        return VerifyIssue(first.dirname, first.id, first.seq, "the base model given for replay is not the ledger's "
+                           "base model (fingerprint differs)", "replay")
+    by_id = {e.id: e for e in chain}
+    rep = Replayer(model, lambda eid: load_deltas(by_id[eid]))
+    prev = EMPTY
+    for e, s in zip(chain, states):
+        try:
+            rep.goto(prev.ops)
+            why = check_record(model, e.fingerprints["before"], full=False)
+            if why:
+                return VerifyIssue(e.dirname, e.id, e.seq, f"replayed weights before the entry: {why}", "replay")
+            rep.goto(s.ops)
+        except LedgerCorruptError as exc:
+            return _issue(exc, "replay")
+        why = check_record(model, e.fingerprints["after"])
+        if why:
+            return VerifyIssue(e.dirname, e.id, e.seq, f"replayed weights after the entry: {why}", "replay")
+        prev = s
+    return None
+
+
+def verify(ledger_dir: str | Path, replay: bool = False,
+           load_base: Callable[[], nn.Module] | None = None) -> VerifyResult:
+    """Check the whole ledger; ``replay`` needs ``load_base()`` returning a fresh base model."""
+    root = Path(ledger_dir)
+    if not root.is_dir():
+        return VerifyResult(False, 0, 0, VerifyIssue(str(root), None, None, "no ledger directory", "files"))
+    if replay and load_base is None:
+        raise ValueError("verify(replay=True) needs load_base=callable returning the base model")
+    dirs = scan(root)
+    committed = [d for d in dirs if d.committed]
+    result = VerifyResult(True, len(committed), 0, incomplete=[d.name for d in dirs if not d.committed])
+    chain: list[Entry] = []
+    states: list[ChainState] = []
+    try:
+        for e, s in walk(root, check_files=True):
+            chain.append(e)
+            states.append(s)
+            result.checked += 1
+            extra = sorted(p.name for p in e.path.iterdir() if p.name not in e.manifest["files"] and p.name != STATE_FILE)
+            if extra:
+                result.warnings.append(f"{e.dirname}: files not listed in the manifest: {', '.join(extra)}")
+    except LedgerCorruptError as exc:
+        result.ok, result.first_bad = False, _issue(exc)
+    if states and states[-1].pending is not None:
+        p = states[-1].pending
+        result.warnings.append(f"the exact drop {p.drop_id[:12]} is unfinished: {len(p.remaining)} batch(es) "
+                               "still to re-apply")
+    if states and states[-1].approximate:
+        result.warnings.append("the active state contains a fast (approximate) drop")
+    if replay and result.ok and chain:
+        bad = _replay(chain, states, load_base)
+        result.replayed = True
+        if bad is not None:
+            result.ok, result.first_bad = False, bad
+            result.checked = bad.seq - 1 if bad.seq else result.checked
+    return result
