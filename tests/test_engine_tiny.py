@@ -61,13 +61,13 @@ def _expected_names(model, method):
 def capture_values(monkeypatch):
     """Record the ValueResult that edit() optimised (targets are not part of EditResult)."""
     box = {}
-    real = engine_mod._optimise
+    real = engine_mod.compute_targets
 
     def spy(*args, **kwargs):
         box["values"] = real(*args, **kwargs)
         return box["values"]
 
-    monkeypatch.setattr(engine_mod, "_optimise", spy)
+    monkeypatch.setattr(engine_mod, "compute_targets", spy)
     return box
 
 

@@ -120,11 +120,11 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
         timings["prefixes_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        values = _optimise(model, tokenizer, adapter, reqs, prefixes, spec, hp, engine)
+        values = compute_targets(model, tokenizer, adapter, reqs, prefixes, spec, hp, engine)
         timings["values_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        deltas, layer_rows = _spread(model, tokenizer, adapter, reqs, prefixes, spec, hp, values, covs, apply)
+        deltas, layer_rows = spread_targets(model, tokenizer, adapter, reqs, prefixes, spec, hp, values, covs, apply)
         timings["spread_s"] = time.perf_counter() - t0
     finally:
         for p, flag in zip(model.parameters(), grad_flags):
@@ -137,7 +137,8 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
     )
 
 
-def _optimise(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, engine: str) -> ValueResult:
+def compute_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, engine: str = "fast") -> ValueResult:
+    """Phase 1: the target value of every request at every site of the last critical layer."""
     layer = hp.layers[-1]
     dims = {s: adapter.in_out_dims(model, SITE_ROLES[s], layer)[1] if s != "residual" else model.config.hidden_size
             for s in spec.sites}
@@ -155,9 +156,10 @@ def _optimise(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, en
 
 
 @torch.no_grad()
-def _spread(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, values: ValueResult,
-            covs: dict, apply: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Write each critical layer, lowest first, recomputing keys and values with current weights."""
+def spread_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, values: ValueResult,
+                   covs: dict, apply: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Phase 2: write each critical layer, lowest first, recomputing keys and current values with
+    the current weights; returns the deltas (``W_base + Δ`` bit-exact) and per-layer norms."""
     last = hp.layers[-1]
     written = {adapter.parameter_name(role, layer): (role, layer) for layer in hp.layers for role, _ in spec.writes}
     originals = {name: adapter.module(model, role, layer).weight.detach().clone() for name, (role, layer) in written.items()}

