@@ -125,8 +125,9 @@ def test_second_call_is_served_from_cache(llama, corpus_path, tmp_path, monkeypa
     model, tok = llama
     cache = tmp_path / "cache"
     first, ids = _run(model, tok, corpus_path, cache)
-    files = sorted(cache.glob("*.safetensors"))
+    files = sorted(cache.glob("*/*.safetensors"))
     assert sorted(p.stem for p in files) == sorted(ids.values()) and len(files) == 2
+    assert sorted(p.parent.name for p in files) == ["mlp_out-1", "mlp_out-2"]
     _no_compute(monkeypatch)
     second, ids2 = _run(model, tok, corpus_path, cache)
     assert ids2 == ids
@@ -166,7 +167,7 @@ def test_flipped_byte_is_rejected(llama, corpus_path, tmp_path, monkeypatch):
     model, tok = llama
     cache = tmp_path / "cache"
     _, ids = _run(model, tok, corpus_path, cache)
-    path = cache / f"{ids[('mlp_out', 2)]}.safetensors"
+    path = cache / "mlp_out-2" / f"{ids[('mlp_out', 2)]}.safetensors"
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x01  # inside the tensor data (the header is at the start)
     path.write_bytes(bytes(data))
@@ -179,7 +180,7 @@ def test_entry_for_a_different_key_is_rejected(llama, corpus_path, tmp_path, mon
     model, tok = llama
     cache = tmp_path / "cache"
     covs, ids = _run(model, tok, corpus_path, cache)
-    path = cache / f"{ids[('mlp_out', 1)]}.safetensors"
+    path = cache / "mlp_out-1" / f"{ids[('mlp_out', 1)]}.safetensors"
     # overwrite with a well-formed entry whose recorded key differs (e.g. another layer)
     corpus = Corpus.from_file(corpus_path)
     chunks = corpus.chunks(tok, MAX_LEN)

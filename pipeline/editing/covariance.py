@@ -93,6 +93,12 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def entry_path(cache_dir: Path, target: tuple[str, int], kid: str) -> Path:
+    """``<cache>/<role>-<layer>/<key id>.safetensors``: one folder per projection, so a DVC stage
+    per layer can own its folder while the engine finds entries by content key."""
+    return Path(cache_dir) / f"{target[0]}-{target[1]}" / f"{kid}.safetensors"
+
+
 def save_entry(path: Path, key: dict, cov: torch.Tensor) -> None:
     """Atomic write: temp file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +173,7 @@ def second_moments(model, tok, adapter: Adapter, fingerprint: str, corpus: Corpu
     result: dict[tuple[str, int], torch.Tensor] = {}
     missing = []
     for t in targets:
-        path = cache_dir / f"{ids[t]}.safetensors" if cache_dir else None
+        path = entry_path(cache_dir, t, ids[t]) if cache_dir else None
         if path is not None and path.exists():
             result[t] = load_entry(path, keys[t])
         else:
@@ -176,6 +182,6 @@ def second_moments(model, tok, adapter: Adapter, fingerprint: str, corpus: Corpu
         computed = compute_second_moments(model, adapter, chunks, missing, batch_tokens, progress)
         for t, cov in computed.items():
             if cache_dir:
-                save_entry(cache_dir / f"{ids[t]}.safetensors", keys[t], cov)
+                save_entry(entry_path(cache_dir, t, ids[t]), keys[t], cov)
             result[t] = cov
     return result, ids
