@@ -38,6 +38,7 @@ def main(grid: Path, out: Path, start: int = 1000, n: int = 30, model: str = "sm
     adapter = adapter_for(m)
     reqs = parse_requests(json.loads(data.read_text())[start : start + n])
     pre, _ = evaluate(m, tok, reqs)
+    base_state = {k: v.clone() for k, v in m.state_dict().items()}
     corpus = Corpus.from_file(default_corpus())
     out.parent.mkdir(parents=True, exist_ok=True)
     for group in json.loads(grid.read_text()):
@@ -56,10 +57,9 @@ def main(grid: Path, out: Path, start: int = 1000, n: int = 30, model: str = "sm
             hp_l = hp.replace(mom2_update_weight=lam)
             spread_targets(m, tok, adapter, reqs, prefixes, spec, hp_l, values, covs, apply=True)
             post, _ = evaluate(m, tok, reqs)
-            # undo: reload the edited parameters from disk-free originals by re-spreading is costly; reload instead
-            lm2 = load_model(model)
-            m.load_state_dict(lm2.model.state_dict())
-            row = {"method": spec.name, **{k: v for k, v in hp_l.to_dict().items() if k in group or k == "mom2_update_weight" or k == "layers"},
+            m.load_state_dict(base_state)  # undo the edit before the next λ
+            shown = ("layers", "mom2_update_weight", "clamp_norm_factor", "v_num_grad_steps", "v_lr", "kl_factor", "v_weight_decay")
+            row = {"method": spec.name, **{k: v for k, v in hp_l.to_dict().items() if k in shown},
                    "n": n, "start": start, "values_s": round(t_values, 1), "opt_argmax": opt_ok,
                    "mean_steps": sum(values.steps.tolist()) / len(reqs),
                    "pre": {k: round(pre[k], 4) for k in ("efficacy", "generalization", "specificity")},

@@ -36,9 +36,19 @@ def _user_errors():
     from pipeline.models.loading import ModelLoadError
 
     from pipeline.data import DataError
+    from pipeline.ledger.errors import LedgerError
+    from pipeline.stages.common import StageError
 
     return (DataError, ParamsError, HParamsError, MethodError, RequestError, AdapterError, ModelLoadError,
-            CovarianceCacheError, OptimisationError, UserError, FileNotFoundError)
+            CovarianceCacheError, OptimisationError, LedgerError, StageError, UserError, FileNotFoundError)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run ``fn``; a user error becomes one red line on stderr and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -131,6 +141,266 @@ def _edit(requests_path, out, method, model_path, params_path, engine, save_mode
     write_edit_outputs(out, lm, reqs, result, pre, post, pre_rows, post_rows, save_model=save_model)
     summary = "  ".join(f"{k} {pre[k]:.3f}→{post[k]:.3f}" for k in ("efficacy", "generalization", "specificity"))
     typer.echo(f"{method}: {len(reqs)} requests  {summary}\nwrote {out}")
+
+
+# ------------------------------------------------------------------------------------------- ledger
+
+def _project():
+    from pipeline.stages.common import Project
+
+    return Project.find()
+
+
+def _rel(project, path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(project.root))
+    except ValueError:
+        return str(path)
+
+
+@app.command()
+def add(
+    requests: Path = typer.Option(..., "--requests", help="JSON list of CounterFact / zsRE records"),
+    method: str = typer.Option(None, "--method", help="editing method (default: params edit.method)"),
+    params: Path = typer.Option(None, "--params", help="params.yaml (default: the project's)"),
+):
+    """Append a batch of edit requests to the ledger (computed by `dvc repro -P`)."""
+    _guard(_add, requests, method, params)
+
+
+def _add(requests_path, method, params_path):
+    from pipeline.editing.requests import load_requests
+    from pipeline.ledger import add_edit
+    from pipeline.stages.common import check_covariance_config, resolve_hparams
+
+    project = _project()
+    cfg = project.params(params_path)
+    method = method or cfg["edit"]["method"]
+    spec, hp = resolve_hparams(project, cfg, method)
+    check_covariance_config(cfg, spec, hp)
+    reqs = load_requests(requests_path)
+    path = add_edit(project.ledger, reqs, spec.name, hp, engine=cfg["edit"]["engine"], seed=cfg["seed"])
+    typer.echo(f"added {_rel(project, path)}: {len(reqs)} requests, {spec.name}; `dvc repro -P` computes it")
+
+
+@app.command()
+def revert(ref: str = typer.Argument(..., metavar="ID", help="entry (seq, directory, id prefix) or 'base'")):
+    """Append a revert: the active state becomes the state right after ID."""
+    from pipeline.ledger import add_revert
+
+    project = _project()
+    path = _guard(add_revert, project.ledger, ref)
+    typer.echo(f"added {_rel(project, path)} (revert to {ref}); `dvc repro -P` computes it")
+
+
+@app.command()
+def drop(
+    ref: str = typer.Argument(..., metavar="ID", help="edit entry to remove (seq, directory, id prefix)"),
+    fast: bool = typer.Option(False, "--fast", help="subtract its delta (approximate) instead of re-applying later batches"),
+):
+    """Append entries that remove one batch from the active state."""
+    from pipeline.ledger import add_drop
+
+    project = _project()
+    paths = _guard(add_drop, project.ledger, ref, "fast" if fast else "exact")
+    what = "fast (approximate)" if fast else f"exact, re-applying {len(paths) - 1} later batch(es)"
+    for p in paths:
+        typer.echo(f"added {_rel(project, p)}")
+    typer.echo(f"drop of {ref}: {what}; `dvc repro -P` computes it")
+
+
+@app.command()
+def log(as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+    """List the ledger's batches: ids, kind, method, status, active, metrics."""
+    from pipeline.stages.summary import ledger_table
+
+    df = _guard(ledger_table, _project().ledger)
+    if as_json:
+        typer.echo(df.astype(object).where(df.notna(), None).to_json(orient="records", indent=1))
+        return
+    if df.empty:
+        typer.echo("the ledger is empty (add a batch with `editledger add --requests FILE`)")
+        return
+    typer.echo(f"{'seq':>4}  {'directory':<17}  {'id':<12}  {'kind':<6}  {'method':<15}  {'n':>4}  {'status':<11}  "
+               f"{'active':<6}  {'eff pre→post':<13}  {'gen':<5}  {'spec':<5}")
+    for r in df.astype(object).where(df.notna(), None).itertuples(index=False):
+        what = r.method if r.kind == "edit" else f"→ {r.target}" if r.kind == "revert" else f"{r.mode} {r.target}"
+        f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+        eff = f"{f(r.pre_efficacy)}→{f(r.post_efficacy)}" if r.post_efficacy is not None else ""
+        typer.echo(f"{r.seq:>4}  {r.dir:<17}  {(r.id or '')[:12]:<12}  {r.kind or '?':<6}  {str(what)[:15]:<15}  "
+                   f"{'' if r.n_requests is None else r.n_requests:>4}  {r.status:<11}  "
+                   f"{'' if r.active is None else 'yes' if r.active else 'no':<6}  {eff:<13}  "
+                   f"{f(r.post_generalization):<5}  {f(r.post_specificity):<5}")
+
+
+@app.command()
+def show(ref: str = typer.Argument(..., metavar="ID")):
+    """Print one entry: content, manifest (fingerprints, timings, versions) and evaluation, as JSON."""
+    from pipeline.ledger import read_evaluation
+    from pipeline.ledger import show as find
+
+    def _show():
+        entry = find(_project().ledger, ref)
+        return {**entry.summary(), "evaluation": read_evaluation(entry)}
+
+    typer.echo(json.dumps(_guard(_show), indent=2, ensure_ascii=False))
+
+
+@app.command()
+def diff(a: str = typer.Argument(..., metavar="A"), b: str = typer.Argument(..., metavar="B"),
+         as_json: bool = typer.Option(False, "--json")):
+    """Compare the states after A and B: requests added/removed, per-layer delta norms, metric changes."""
+    from pipeline.ledger import diff as ledger_diff
+
+    d = _guard(ledger_diff, _project().ledger, a, b)
+    if as_json:
+        typer.echo(json.dumps(d.to_dict(), indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{a} → {b}: {len(d.b.active)} active batch(es) after {b}, {len(d.a.active)} after {a}")
+    for sign, reqs in (("+", d.requests_added), ("-", d.requests_removed)):
+        for r in reqs:
+            typer.echo(f"  {sign} {r['prompt'].replace('{}', r['subject'])} → {r['target_new']}")
+    typer.echo("delta norm from the base, per layer:")
+    for layer in sorted(set(d.a.layer_norms) | set(d.b.layer_norms), key=lambda x: (len(x), x)):
+        typer.echo(f"  layer {layer:>5}: {d.a.layer_norms.get(layer, 0.0):10.4f} → {d.b.layer_norms.get(layer, 0.0):10.4f}")
+    for k, row in d.metric_changes.items():
+        change = f" ({row['change']:+.3f})" if "change" in row else ""
+        typer.echo(f"  {k}: {row['a']} → {row['b']}{change}")
+
+
+@app.command()
+def materialize(ref: str = typer.Argument(..., metavar="ID", help="entry, or 'base'"),
+                out: Path = typer.Argument(..., metavar="DIR", help="new (or empty) directory")):
+    """Write the model in the state right after ID as a loadable Hugging Face directory."""
+    _guard(_materialize, ref, out)
+
+
+def _materialize(ref, out):
+    from pipeline.ledger import materialize as rebuild
+    from pipeline.models.loading import model_fingerprint
+    from pipeline.stages.common import base_model, write_json
+
+    project = _project()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output directory {out} exists and is not empty")
+    lm = base_model(project)
+    model = rebuild(project.ledger, ref, lm.model, inplace=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        write_json(tmp / "editledger.json", {"ledger_ref": ref, "fingerprint": model_fingerprint(model)})
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    typer.echo(f"wrote the state after {ref} to {out}")
+
+
+@app.command()
+def verify(replay: bool = typer.Option(False, "--replay", help="also rebuild the weights and check them bit for bit")):
+    """Recompute the hash chain (and with --replay the weights); exit 1 naming the first bad entry."""
+    from pipeline.ledger import verify as check
+    from pipeline.stages.common import base_model
+
+    project = _project()
+    result = _guard(check, project.ledger, replay=replay, load_base=lambda: base_model(project).model)
+    for w in result.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    if not result.ok:
+        typer.secho(result.message(), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo(result.message())
+
+
+@app.command()
+def report(out: Path = typer.Option(Path("reports/latest"), "--out", help="output directory")):
+    """Write the ledger summary: summary.parquet, summary.json and a self-contained index.html."""
+    from pipeline.stages.summary import write_summary
+
+    project = _project()
+    out = out if out.is_absolute() else Path.cwd() / out
+    metrics = _guard(write_summary, project.ledger, out / "summary.parquet", out / "summary.json", out / "index.html")
+    typer.echo(json.dumps(metrics, indent=2))
+    typer.echo(f"wrote {out / 'index.html'}")
+
+
+# ------------------------------------------------------------------------------------ DVC stages
+
+stage_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Run one DVC stage (the dvc.yaml files call these; `dvc repro -P` runs them all).")
+app.add_typer(stage_app, name="stage")
+
+
+@stage_app.command("model")
+def stage_model():
+    """Materialise the base model into data/model and record its fingerprint in data/model.json."""
+    from pipeline.stages import model as stage
+
+    info = _guard(stage.run, _project())
+    typer.echo(f"base model {info['model_type']} ({info['n_parameters']:,} parameters): {info['fingerprint']}")
+
+
+@stage_app.command("data")
+def stage_data(shared: Path = typer.Option(Path("../shared/data"), "--shared", help="shared data mirror")):
+    """Verify the shared datasets against SHA256SUMS and convert them to Parquet under data/."""
+    from pipeline.stages import data as stage
+
+    counts = _guard(stage.run, _project(), shared)
+    typer.echo("verified and converted: " + ", ".join(f"{k} ({v} records)" for k, v in counts.items()))
+
+
+@stage_app.command("covariance")
+def stage_covariance(role: str = typer.Option(..., "--role"), layer: int = typer.Option(..., "--layer"),
+                     progress: bool = typer.Option(True, "--progress/--no-progress")):
+    """Key second moment of one edited projection, into data/covariance/ROLE-LAYER/."""
+    from pipeline.stages import covariance as stage
+
+    kid = _guard(stage.run, _project(), role, layer, progress)
+    typer.echo(f"covariance {role}@{layer}: {kid}")
+
+
+@stage_app.command("keys-values")
+def stage_keys_values(batch: Path = typer.Option(Path("."), "--batch", help="the batch directory")):
+    """Optimise the target values of an edit batch on its parent state."""
+    from pipeline.stages import keys_values as stage
+
+    info = _guard(stage.run, batch)
+    typer.echo(f"{Path(batch).resolve().name}: targets of {info['requests']} requests (steps {info['steps']})")
+
+
+@stage_app.command("apply")
+def stage_apply(batch: Path = typer.Option(Path("."), "--batch", help="the batch directory")):
+    """Compute a batch's weight change and commit its entry (state.json last)."""
+    from pipeline.stages import apply as stage
+
+    entry = _guard(stage.run, batch)
+    typer.echo(f"{entry.dirname}: committed {entry.kind} entry {entry.id}")
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(batch: Path = typer.Option(Path("."), "--batch", help="the batch directory")):
+    """Evaluate an edit batch's requests before and after it; write eval.parquet and metrics.json."""
+    from pipeline.stages import evaluate as stage
+
+    doc = _guard(stage.run, batch)
+    pre, post = doc["pre"], doc["post"]
+    typer.echo(f"{doc['dir']}: " + "  ".join(f"{k} {pre[k]}→{post[k]}" for k in ("efficacy", "generalization",
+                                                                                  "specificity")))
+
+
+@stage_app.command("summary")
+def stage_summary():
+    """Summarise the ledger into reports/summary.{parquet,json,html}."""
+    from pipeline.stages.summary import write_summary
+
+    project = _project()
+    reports = project.root / "reports"
+    metrics = _guard(write_summary, project.ledger, reports / "summary.parquet", reports / "summary.json",
+                     reports / "summary.html")
+    typer.echo(json.dumps(metrics))
 
 
 def main() -> None:  # pragma: no cover - console entry point

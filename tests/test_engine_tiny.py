@@ -198,7 +198,7 @@ def test_memit_edit_raises_target_probability(llama, corpus_path, tmp_path):
 def test_covariance_is_shared_between_methods(llama, corpus_path, tmp_path, monkeypatch):
     model, tok = llama
     res1 = _edit(model, tok, corpus_path, tmp_path, "pmet")
-    assert len(list(tmp_path.glob("*.safetensors"))) == len(LAYERS)
+    assert len(list(tmp_path.glob("*/*.safetensors"))) == len(LAYERS)
 
     def fail(*a, **k):
         raise AssertionError("covariance recomputed although cached")

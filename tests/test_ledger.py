@@ -23,7 +23,7 @@ from pipeline.ledger import (BASE, AlreadyRevertedError, AmbiguousIdError, BaseM
                              verify)
 from pipeline.ledger.entry import drop_content, edit_content, revert_content
 from pipeline.ledger.errors import EntrySchemaError
-from pipeline.ledger.store import append_edit
+from pipeline.ledger.append import append_edit
 from pipeline.models.loading import model_fingerprint
 from test_ledger_support import COV, HP, PARAMS, add, batch_requests, fake_deltas, reference, same_weights, tiny_model
 
@@ -65,13 +65,16 @@ def test_append_builds_a_verifiable_hash_chain(setup, base):
     assert [e.seq for e in got] == [1, 2, 3]
     assert [e.parent for e in got] == [None, made[0].id, made[1].id]
     for e in got:
-        assert e.dirname == f"{e.seq:04d}-{e.id[:12]}"
-        assert sorted(os.listdir(e.path)) == ["deltas.safetensors", "entry.json", "state.json"]
+        # named at add time from the batch's own content (the id also covers parent and fingerprints)
+        assert e.dirname == f"{e.seq:04d}-{e.batch.hash12(e.requests)}" and e.batch.parent == (
+            got[e.seq - 2].dirname if e.seq > 1 else None)
+        assert sorted(os.listdir(e.path)) == ["batch.yaml", "deltas.safetensors", "dvc.yaml", "entry.json",
+                                              "requests.parquet", "state.json"]
         assert entry_id(json.loads((e.path / "entry.json").read_text())) == e.id
         m = e.manifest
         assert m["status"] == "committed" and m["approximate"] is False
         assert set(m["versions"]) >= {"torch", "transformers", "python", "editledger"}
-        assert set(m["files"]) == {"entry.json", "deltas.safetensors"}
+        assert set(m["files"]) == {"entry.json", "deltas.safetensors", "batch.yaml", "dvc.yaml", "requests.parquet"}
         assert m["fingerprints"]["after"]["params"]["names"] == sorted(PARAMS)
         assert m["metrics"]["efficacy"] == e.seq / 10
     assert got[0].fingerprints["before"]["model"] == fp

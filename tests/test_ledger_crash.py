@@ -2,7 +2,8 @@
 
 Either way the ledger must still verify (replay included), its active chain must be what the
 committed entries say, the interrupted directory must be reported as incomplete (not corrupt), and
-a rerun must complete — in a new directory beside the inert incomplete one.
+a rerun must complete — in the same batch directory, whose name is fixed when it is added (the
+scratch files of the interrupted attempt are replaced; ``state.json`` was never written).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.ledger import (UnknownEntryError, active_chain, atomic, entries, incomplete_entries, materialize, show,
-                             store, verify)
+from pipeline.ledger import (UnknownEntryError, active_chain, atomic, commit, entries, incomplete_entries, materialize,
+                             show, verify)
 from pipeline.models.loading import model_fingerprint
 from test_ledger_support import add, tiny_model
 
@@ -47,26 +48,29 @@ def test_exception_mid_append_leaves_an_ignored_incomplete_entry(tmp_path, monke
         add(L, model, 2, fp)
     monkeypatch.undo()
     # 2) after the deltas, before state.json (the commit point)
-    monkeypatch.setattr(store, "_write_state", crash)
+    inputs = ["batch.yaml", "dvc.yaml", "requests.parquet"]
+    (inc,) = incomplete_entries(L)
+    assert inc.startswith("0002-") and sorted(os.listdir(L / inc)) == sorted(inputs + ["entry.json"])
+    monkeypatch.setattr(commit, "_write_state", crash)
     with pytest.raises(RuntimeError, match="simulated"):
-        add(L, model, 2, fp)
+        add(L, model, 2, fp)  # the retry writes into the same directory, and dies again
     monkeypatch.undo()
 
     assert model_fingerprint(model) == state1  # the writer restored the model
-    inc = incomplete_entries(L)
-    assert len(inc) == 2 and inc[0].startswith("0002-") and inc[1] == inc[0] + ".1"
-    assert sorted(os.listdir(L / inc[0])) == ["entry.json"]
-    assert sorted(os.listdir(L / inc[1])) == ["deltas.safetensors", "entry.json"]
+    assert incomplete_entries(L) == [inc]
+    assert sorted(os.listdir(L / inc)) == sorted(inputs + ["deltas.safetensors", "entry.json"])
     assert [e.id for e in entries(L)] == [e1.id] and [e.id for e in active_chain(L)] == [e1.id]
     r = verify(L, replay=True, load_base=lambda: copy.deepcopy(base))
-    assert r.ok and r.incomplete == inc and r.checked == 1
+    assert r.ok and r.incomplete == [inc] and r.checked == 1
     with pytest.raises(UnknownEntryError, match="incomplete"):
-        show(L, inc[0])
+        show(L, inc)
+    with pytest.raises(UnknownEntryError, match="incomplete"):
+        show(L, "2")
 
-    e2 = add(L, model, 2, fp)  # the rerun completes beside the two inert attempts
-    assert e2.seq == 2 and e2.dirname == inc[0] + ".2" and e2.dirname.startswith(f"0002-{e2.id[:12]}")
+    e2 = add(L, model, 2, fp)  # the rerun completes in the same directory
+    assert e2.seq == 2 and e2.dirname == inc
     assert [e.id for e in active_chain(L)] == [e1.id, e2.id]
-    assert incomplete_entries(L) == inc
+    assert incomplete_entries(L) == []
     r = verify(L, replay=True, load_base=lambda: copy.deepcopy(base))
     assert r.ok and r.checked == 2, r.message()
 
@@ -77,11 +81,11 @@ CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from test_ledger_support import add, tiny_model
-    from pipeline.ledger import materialize, store
+    from pipeline.ledger import commit, entries, materialize
     from pipeline.models.loading import model_fingerprint
 
     ledger, target, pause_seq, marker = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    real = store._write_state
+    real = commit._write_state
 
     def slow_commit(path, manifest):  # widen the window between the deltas and the commit
         if manifest["seq"] == pause_seq:
@@ -90,12 +94,12 @@ CHILD = textwrap.dedent("""
         time.sleep(random.uniform(0, 0.02))
         return real(path, manifest)
 
-    store._write_state = slow_commit
+    commit._write_state = slow_commit
     base = tiny_model()
     fp = model_fingerprint(base)
     model = materialize(ledger, None, base) if os.path.isdir(ledger) else copy.deepcopy(base)
     while True:
-        n = len(store.entries(ledger)) + 1 if os.path.isdir(ledger) else 1
+        n = len(entries(ledger)) + 1 if os.path.isdir(ledger) else 1
         if n > target:
             break
         add(ledger, model, n, fp)
@@ -153,7 +157,8 @@ def test_kill_9_during_append_loop(tmp_path):
     assert len(chain) == 2
     (interrupted,) = incomplete_entries(L)
     assert interrupted.startswith("0003-")
-    assert sorted(os.listdir(L / interrupted)) == ["deltas.safetensors", "entry.json"]
+    assert sorted(os.listdir(L / interrupted)) == ["batch.yaml", "deltas.safetensors", "dvc.yaml", "entry.json",
+                                                   "requests.parquet"]
 
     # rounds 2, 3: killed at a random moment while readers poll the ledger without the lock
     for _ in range(2):
@@ -172,12 +177,11 @@ def test_kill_9_during_append_loop(tmp_path):
         p.wait()
         _check_consistent(L, base, max(seen))
 
-    # rerun: completes, and the retry of entry 3 sits beside the interrupted attempt
+    # rerun: completes, and the retry of entry 3 committed into the interrupted directory
     final = len(entries(L)) + 2
     p = _spawn(script, L, final, 0, marker)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0 and "done" in out, err[-2000:]
     chain = _check_consistent(L, base, final)
     assert len(chain) == final
-    assert chain[2].dirname.startswith(interrupted.split(".")[0]) and chain[2].dirname != interrupted
-    assert chain[2].id.startswith(interrupted.split("-")[1][:12])
+    assert chain[2].dirname == interrupted and incomplete_entries(L) == []

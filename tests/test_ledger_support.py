@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.editing.engine import apply_deltas
-from pipeline.ledger import store
+from pipeline.ledger import append as store
 
 PARAMS = ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight")
 # 1e-05 is written "1e-05" in canonical JSON: a byte-flip test turns it into "1E-05" (same value).

@@ -243,7 +243,7 @@ def test_hparams_direct_construction_validates():
 def test_load_bundled_hparams():
     hp = load_hparams("smollm2-135m-instruct", "pmet")
     assert isinstance(hp, HParams)
-    assert hp.layers == (4, 5, 6, 7, 8)
+    assert hp.layers == (1, 2, 3, 4, 5)
     assert hp.kl_factor == 1.0 and hp.nll_weight_after_argmax == 0.1
     memit = load_hparams("smollm2-135m-instruct", "memit")
     assert memit.kl_factor == 0.0625 and memit.nll_weight_after_argmax is None

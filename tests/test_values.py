@@ -236,6 +236,24 @@ def test_batched_optimisation_equals_one_request_at_a_time(model_factory, family
         assert float(batched.deltas[s].norm()) > 0
 
 
+def test_chunked_steps_equal_one_big_batch(llama):
+    """Chunks of requests with accumulated gradients are the same optimisation as one batch
+    (requests never interact), including per-request stopping and the trace."""
+    model, tok = llama
+    adapter = adapter_for(model)
+    reqs = _requests(4)
+    dims = _dims(model, adapter, PMET_SITES)
+    whole = optimise_values(_forward(PrefixCachedForward, model, tok, reqs, PMET_SITES), PMET_SITES, dims,
+                            _hp(v_batch_requests=4, nll_weight_after_argmax=0.1))
+    chunked = optimise_values(_forward(PrefixCachedForward, model, tok, reqs, PMET_SITES), PMET_SITES, dims,
+                              _hp(v_batch_requests=3, nll_weight_after_argmax=0.1))
+    assert chunked.steps.tolist() == whole.steps.tolist()
+    for s in PMET_SITES:
+        torch.testing.assert_close(chunked.deltas[s], whole.deltas[s], atol=1e-4, rtol=1e-4)
+    key = lambda r: (r["step"], r["request"])  # noqa: E731
+    assert [key(r) for r in sorted(chunked.trace, key=key)] == [key(r) for r in sorted(whole.trace, key=key)]
+
+
 def test_first_step_loss_is_the_unedited_nll(llama):
     """Step 0: δ = 0, so KL = 0, weight decay = 0 and the NLL is the model's own teacher-forced
     NLL of o*, averaged over the rewriting prompts (cross-checked with the scorer)."""

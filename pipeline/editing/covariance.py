@@ -162,13 +162,19 @@ def compute_second_moments(model, adapter: Adapter, chunks: list[list[int]], tar
     return {t: (acc[t] / n_tokens).cpu() for t in targets}
 
 
+def cache_keys(fingerprint: str, corpus: Corpus, chunks: list[list[int]], targets: list[tuple[str, int]],
+               max_length: int, dtype: str) -> dict[tuple[str, int], dict]:
+    """The cache key of each (role, layer): what its second moment is a function of."""
+    n_tokens = sum(len(c) for c in chunks)
+    return {t: cache_key(fingerprint, t[0], t[1], corpus, n_tokens, len(chunks), max_length, dtype) for t in targets}
+
+
 def second_moments(model, tok, adapter: Adapter, fingerprint: str, corpus: Corpus, targets: list[tuple[str, int]],
                    max_length: int, max_texts: int, batch_tokens: int, dtype: str, cache_dir: Path | None,
                    progress: bool = True) -> tuple[dict[tuple[str, int], torch.Tensor], dict[tuple[str, int], str]]:
     """Cached second moments and their cache ids (the ids go into the ledger as fingerprints)."""
     chunks = corpus.chunks(tok, max_length, max_texts)
-    n_tokens = sum(len(c) for c in chunks)
-    keys = {t: cache_key(fingerprint, t[0], t[1], corpus, n_tokens, len(chunks), max_length, dtype) for t in targets}
+    keys = cache_keys(fingerprint, corpus, chunks, targets, max_length, dtype)
     ids = {t: key_id(k) for t, k in keys.items()}
     result: dict[tuple[str, int], torch.Tensor] = {}
     missing = []

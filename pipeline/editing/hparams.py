@@ -27,6 +27,7 @@ class HParams:
     mom2_update_weight: float = 15000.0  # λ: weight of the preserved-key covariance
     clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ factor · ‖h_init‖ per site
     v_num_grad_steps: int = 25
+    v_batch_requests: int = 25  # requests per forward/backward chunk (memory bound; same result)
     v_lr: float = 0.5
     v_weight_decay: float = 0.5  # coefficient of ‖δ‖ / ‖h_init‖²
     kl_factor: float = 0.0625
@@ -65,7 +66,7 @@ class HParams:
                 raise HParamsError(f"{name} must be a finite number ≥ 0, got {v!r}")
         if self.nll_weight_after_argmax is not None and (not _finite(self.nll_weight_after_argmax) or self.nll_weight_after_argmax <= 0):
             raise HParamsError(f"nll_weight_after_argmax must be > 0 or null, got {self.nll_weight_after_argmax!r}")
-        for name in ("v_num_grad_steps", "context_length", "cov_max_length", "cov_batch_tokens"):
+        for name in ("v_num_grad_steps", "v_batch_requests", "context_length", "cov_max_length", "cov_batch_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise HParamsError(f"{name} must be an integer ≥ 1, got {v!r}")

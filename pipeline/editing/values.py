@@ -151,8 +151,7 @@ class PrefixCachedForward(_Forward):
         p = self.p
         self.prefix_len = torch.tensor([e.subject_last for e in p.encoded])
         self._kv = None  # per-layer (keys, values) of all sequences' left-padded prefixes
-        self._cache_for: torch.Tensor | None = None
-        self._selected: list = []
+        self._selected: dict[tuple, list] = {}  # prefix KV of each chunk of sequences
         self._prefix_width = int(self.prefix_len.max())
         if self._prefix_width:
             self._kv = self._run_prefixes()
@@ -180,11 +179,13 @@ class PrefixCachedForward(_Forward):
         """A fresh cache holding the prefixes of ``seqs`` (the suffix pass appends to it)."""
         if self._kv is None:
             return None
-        if self._cache_for is None or not torch.equal(self._cache_for, seqs):
+        key = tuple(seqs.tolist())
+        if key not in self._selected:
+            if sum(len(k) for k in self._selected) + len(key) > len(self.p.encoded):
+                self._selected.clear()  # the active set changed: earlier chunks are stale
             idx = seqs.to(self.device)
-            self._selected = [(k[idx], v[idx]) for k, v in self._kv]
-            self._cache_for = seqs.clone()
-        return DynamicCache(ddp_cache_data=self._selected)
+            self._selected[key] = [(k[idx], v[idx]) for k, v in self._kv]
+        return DynamicCache(ddp_cache_data=self._selected[key])
 
     def __call__(self, deltas: dict[str, torch.Tensor], active: torch.Tensor) -> StepOutput:
         p, W = self.p, self._prefix_width
@@ -224,8 +225,46 @@ class ValueResult:
     trace: list[dict] = field(default_factory=list)  # one row per (request, step)
 
 
+def _request_losses(forward: _Forward, out: StepOutput, part: torch.Tensor, delta: dict, init: dict,
+                    init_kl: torch.Tensor, nll_w: torch.Tensor, hp: HParams):
+    """Loss terms of the requests in ``part`` (ascending indices) from one forward's logits."""
+    p, device = forward.p, forward.device
+    N = p.n_requests
+    rows = part.to(device)
+    in_part = torch.zeros(N, dtype=torch.bool)
+    in_part[part] = True
+    tgt_mask = in_part[p.seq_request[p.tgt_seq]]
+    # NLL: mean over the answer tokens of each rewriting prompt, then mean over the prompts
+    logp = F.log_softmax(out.tgt_logits.float(), -1)
+    tgt_tok = p.tgt_tok[tgt_mask].to(device)
+    tok_lp = logp.gather(1, tgt_tok[:, None]).squeeze(1)
+    seq_of_tok = p.tgt_seq[tgt_mask].to(device)
+    per_seq = torch.zeros(len(p.encoded), device=device).index_add_(0, seq_of_tok, tok_lp)
+    per_seq = per_seq / p.tgt_count.to(device).clamp(min=1).float()
+    rewrite = (p.tgt_count > 0).to(device)
+    req_of_seq = p.seq_request.to(device)
+    total = torch.zeros(N, device=device).index_add_(0, req_of_seq[rewrite], per_seq[rewrite])
+    n_prompts = torch.zeros(N, device=device).index_add_(0, req_of_seq[rewrite], torch.ones(int(rewrite.sum()), device=device))
+    nll = -(total / n_prompts)[rows]
+    # argmax: is o* the top token at every answer position of every rewriting prompt?
+    is_top = (logp.argmax(-1) == tgt_tok).float()
+    misses = torch.zeros(N, device=device).index_add_(0, req_of_seq[seq_of_tok], 1 - is_top)[rows]
+    # KL(P_δ ‖ P_0) at the subject-last token of "{s} is a"
+    cur = F.log_softmax(out.kl_logits.float(), -1)
+    kl = (cur.exp() * (cur - init_kl[rows])).sum(-1)
+    # weight decay relative to each site's own norm
+    wd = sum(delta[s][rows].norm(dim=-1) / init[s][rows].norm(dim=-1) ** 2 for s in delta)
+    loss = nll_w[rows] * nll + hp.kl_factor * kl + hp.v_weight_decay * wd
+    return loss, nll, kl, wd, misses
+
+
 def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, int], hp: HParams) -> ValueResult:
-    """Jointly optimise δ for every request and site (per-request stopping, per-site clamps)."""
+    """Jointly optimise δ for every request and site (per-request stopping, per-site clamps).
+
+    Each step runs the active requests in chunks of ``hp.v_batch_requests`` and accumulates their
+    gradients before one Adam step: the requests are independent, so this is the same
+    optimisation as one big batch, with peak memory bounded by the chunk.
+    """
     p = forward.p
     N, device = p.n_requests, forward.device
     dtype = next(forward.model.parameters()).dtype
@@ -234,61 +273,48 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
     active = torch.ones(N, dtype=torch.bool)
     nll_w = torch.full((N,), hp.nll_weight, dtype=dtype, device=device)
     steps = torch.zeros(N, dtype=torch.long)
-    init: dict[str, torch.Tensor] = {}
+    init = {s: torch.zeros(N, dims[s], device=device, dtype=dtype) for s in sites}
     init_kl: torch.Tensor | None = None
     trace: list[dict] = []
     for it in range(hp.v_num_grad_steps):
+        last = it == hp.v_num_grad_steps - 1
         idx = torch.nonzero(active).squeeze(1)
-        out = forward({s: delta[s][idx.to(device)] for s in sites}, active)
-        if it == 0:
-            init = {s: v.detach().clone() for s, v in out.site_init.items()}
-            init_kl = F.log_softmax(out.kl_logits.float(), -1).detach()
-        req_act = idx.to(device)
-        # --- per-request NLL over its rewriting prompts (mean over tokens per prompt, then prompts)
-        tgt_mask = active[p.seq_request[p.tgt_seq]]
-        logp = F.log_softmax(out.tgt_logits.float(), -1)
-        tok_lp = logp.gather(1, p.tgt_tok[tgt_mask].to(device)[:, None]).squeeze(1)
-        seq_of_tok = p.tgt_seq[tgt_mask].to(device)
-        per_seq = torch.zeros(len(p.encoded), device=device).index_add_(0, seq_of_tok, tok_lp)
-        counts = p.tgt_count.to(device).clamp(min=1).float()
-        per_seq = per_seq / counts
-        rewrite_seq = (p.tgt_count > 0).to(device)
-        req_of_seq = p.seq_request.to(device)
-        nll = -torch.zeros(N, device=device).index_add_(0, req_of_seq[rewrite_seq], per_seq[rewrite_seq])
-        n_prompts = torch.zeros(N, device=device).index_add_(0, req_of_seq[rewrite_seq], torch.ones(int(rewrite_seq.sum()), device=device))
-        nll = (nll / n_prompts)[req_act]
-        # --- argmax check: o* is the top token at every target position of every rewriting prompt
-        is_top = (logp.argmax(-1) == p.tgt_tok[tgt_mask].to(device)).float()
-        misses = torch.zeros(N, device=device).index_add_(0, req_of_seq[seq_of_tok], 1 - is_top)[req_act]
-        # --- KL at the subject-last token of "{s} is a", against the unedited distribution
-        cur_kl = F.log_softmax(out.kl_logits.float(), -1)
-        ref_kl = init_kl[req_act]
-        kl = (cur_kl.exp() * (cur_kl - ref_kl)).sum(-1)
-        # --- weight decay relative to each site's own norm
-        wd = sum(delta[s][req_act].norm(dim=-1) / init[s][req_act].norm(dim=-1) ** 2 for s in sites)
-        loss = nll_w[req_act] * nll + hp.kl_factor * kl + hp.v_weight_decay * wd
-        if not torch.isfinite(loss).all():
-            bad = idx[~torch.isfinite(loss).cpu()].tolist()
-            raise OptimisationError(f"non-finite loss at step {it} for request(s) {bad}; lower v_lr or check the model")
-        rec = torch.stack([loss, nll, kl, wd, nll_w[req_act], misses]).detach().cpu().tolist()
-        norms = {s: delta[s][req_act].detach().norm(dim=-1).cpu().tolist() for s in sites}
-        for k, r in enumerate(idx.tolist()):
-            trace.append({"request": r, "step": it, "loss": rec[0][k], "nll": rec[1][k], "kl": rec[2][k],
-                          "weight_decay": rec[3][k], "nll_weight": rec[4][k], "argmax": rec[5][k] == 0,
-                          **{f"norm_{s}": norms[s][k] for s in sites}})
-        steps[idx] = it
-        # --- stopping rules, decided before the step (as the reference code does)
-        done = (loss < hp.loss_stop).cpu()
-        if hp.nll_weight_after_argmax is not None:
-            reached = (misses == 0).cpu()
-            nll_w[idx[reached].to(device)] = hp.nll_weight_after_argmax
-            done |= reached & (kl <= hp.kl_stop).cpu()
-        active[idx[done]] = False
-        if it == hp.v_num_grad_steps - 1 or not active.any():
-            break
-        keep = loss[~done.to(device)].sum()
+        done = torch.zeros(N, dtype=torch.bool)
         opt.zero_grad(set_to_none=False)
-        keep.backward()
+        for part in idx.split(hp.v_batch_requests):
+            in_part = torch.zeros(N, dtype=torch.bool)
+            in_part[part] = True
+            out = forward({s: delta[s][part.to(device)] for s in sites}, in_part)
+            if it == 0:  # δ = 0 here: the unedited values and distributions
+                for s in sites:
+                    init[s][part.to(device)] = out.site_init[s].detach()
+                kl0 = F.log_softmax(out.kl_logits.float(), -1).detach()
+                if init_kl is None:
+                    init_kl = torch.zeros(N, kl0.shape[-1], device=device)
+                init_kl[part.to(device)] = kl0
+            loss, nll, kl, wd, misses = _request_losses(forward, out, part, delta, init, init_kl, nll_w, hp)
+            if not torch.isfinite(loss).all():
+                bad = part[~torch.isfinite(loss).cpu()].tolist()
+                raise OptimisationError(f"non-finite loss at step {it} for request(s) {bad}; lower v_lr or check the model")
+            rec = torch.stack([loss, nll, kl, wd, nll_w[part.to(device)], misses]).detach().cpu().tolist()
+            norms = {s: delta[s][part.to(device)].detach().norm(dim=-1).cpu().tolist() for s in sites}
+            for k, r in enumerate(part.tolist()):
+                trace.append({"request": r, "step": it, "loss": rec[0][k], "nll": rec[1][k], "kl": rec[2][k],
+                              "weight_decay": rec[3][k], "nll_weight": rec[4][k], "argmax": rec[5][k] == 0,
+                              **{f"norm_{s}": norms[s][k] for s in sites}})
+            # stopping rules, decided before the step (as the reference code does)
+            stop = (loss < hp.loss_stop).cpu()
+            if hp.nll_weight_after_argmax is not None:
+                reached = (misses == 0).cpu()
+                nll_w[part[reached].to(device)] = hp.nll_weight_after_argmax
+                stop |= reached & (kl <= hp.kl_stop).cpu()
+            done[part[stop]] = True
+            if not last and not stop.all():
+                loss[~stop.to(device)].sum().backward()
+        steps[idx] = it
+        active &= ~done
+        if last or not active.any():
+            break
         frozen = {s: delta[s].detach()[~active.to(device)].clone() for s in sites}
         opt.step()
         with torch.no_grad():
@@ -303,4 +329,3 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
                     raise OptimisationError(f"non-finite δ at step {it}; lower v_lr or check the model")
     final = {s: delta[s].detach() for s in sites}
     return ValueResult(targets={s: init[s] + final[s] for s in sites}, init=init, deltas=final, steps=steps + 1, trace=trace)
-

@@ -35,7 +35,6 @@ def score_pairs(model, tok, pairs: list[tuple[str, str]], batch_size: int = SCOR
     backbone = adapter.module(model, "backbone")
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    lps, accs, lens = [], [], []
     encoded = [(encode_prompt(tok, p), target_ids(tok, a)) for p, a in pairs]
     # sort by length so batches pad little; results are put back in input order
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))

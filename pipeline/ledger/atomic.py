@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-CHUNK = 1 << 20
+from pipeline.data import sha256_file  # noqa: F401  (re-exported: the ledger hashes files with it)
 
 
 def canonical_json(obj: Any) -> str:
@@ -48,14 +48,6 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_json(obj: Any) -> str:
     """sha256 over the canonical JSON text (no trailing newline) — how ids and digests are made."""
     return sha256_bytes(canonical_json(obj).encode("utf-8"))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -125,6 +117,20 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
                       metadata: dict[str, str] | None = None, *, exclusive: bool = False) -> str:
     """Atomically write a safetensors file; return its sha256."""
     return write_bytes(path, safetensors_bytes(tensors, metadata), exclusive=exclusive)
+
+
+def write_parquet(path: str | Path, table, *, exclusive: bool = False) -> str:
+    """Atomically write a pandas DataFrame or pyarrow Table as Parquet; return the file's sha256."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return write_bytes(path, buf.getvalue(), exclusive=exclusive)
 
 
 def load_safetensors_bytes(data: bytes) -> dict[str, torch.Tensor]:

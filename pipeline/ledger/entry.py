@@ -19,9 +19,12 @@ Kinds
             manifest says ``approximate: true``.
 
 ``state.json`` (the manifest) is written last and makes the entry committed.  It records the id,
-sequence number, file hashes, weight fingerprints before and after, library versions, timings,
-metrics and status, and ends with ``digest`` = sha256 of its own canonical JSON without ``digest``,
-so that any change to it is detectable without an outside reference.
+sequence number, directory name, the sha256 of every other file of the entry that exists at that
+point (the add-time inputs, the keys/values outputs, ``entry.json``, the deltas), weight
+fingerprints before and after, library versions, timings, edit diagnostics (``metrics``) and
+status, and ends with ``digest`` = sha256 of its own canonical JSON without ``digest``, so that
+any change to it is detectable without an outside reference.  ``metrics.json`` (written later by
+the evaluate stage) is sealed the same way and names the entry id it evaluates.
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ _CONTENT_KEYS = {
     "revert": {"schema", "kind", "parent", "base_fingerprint", "target"},
     "drop": {"schema", "kind", "parent", "base_fingerprint", "target", "mode", "reapply"},
 }
-_MANIFEST_KEYS = {"schema", "id", "seq", "kind", "parent", "status", "approximate", "active", "files", "deltas",
-                  "fingerprints", "versions", "timings", "metrics", "created_at", "digest"}
+_MANIFEST_KEYS = {"schema", "id", "seq", "dir", "kind", "parent", "status", "approximate", "active", "files",
+                  "deltas", "fingerprints", "versions", "timings", "metrics", "created_at", "digest"}
 
 
 def is_id(value: Any) -> bool:
@@ -198,12 +201,20 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return sha256_json({k: v for k, v in manifest.items() if k != "digest"})
 
 
-def build_manifest(*, content: Mapping[str, Any], seq: int, files: Mapping[str, str], deltas: dict | None,
+def seal(doc: Mapping[str, Any]) -> dict:
+    """``doc`` plus ``digest`` = sha256 of its canonical JSON (how state.json and metrics.json end)."""
+    out = _plain(dict(doc), "sealed document")
+    out["digest"] = manifest_digest(out)
+    return out
+
+
+def build_manifest(*, content: Mapping[str, Any], seq: int, dirname: str, files: Mapping[str, str], deltas: dict | None,
                    fingerprints: dict, approximate: bool, active: list[str], timings: Mapping[str, float] | None,
                    metrics: Mapping[str, Any] | None) -> dict:
     """The committed manifest of an entry, sealed with its digest."""
     manifest = {
-        "schema": SCHEMA, "id": entry_id(content), "seq": seq, "kind": content["kind"], "parent": content["parent"],
+        "schema": SCHEMA, "id": entry_id(content), "seq": seq, "dir": dirname, "kind": content["kind"],
+        "parent": content["parent"],
         "status": STATUS_COMMITTED, "approximate": bool(approximate), "active": list(active), "files": dict(files),
         "deltas": deltas, "fingerprints": fingerprints, "versions": library_versions(),
         "timings": {k: float(v) for k, v in (timings or {}).items()},
@@ -228,8 +239,8 @@ def check_manifest(manifest: Any) -> None:
         raise EntrySchemaError(f"status is {manifest['status']!r}, not {STATUS_COMMITTED!r}")
     if not is_id(manifest["id"]) or not isinstance(manifest["seq"], int) or manifest["seq"] < 1:
         raise EntrySchemaError("state.json id/seq malformed")
-    if not isinstance(manifest["files"], dict) or "entry.json" not in manifest["files"]:
-        raise EntrySchemaError("state.json lists no entry.json hash")
+    if not isinstance(manifest["files"], dict) or not {"entry.json", "batch.yaml"} <= set(manifest["files"]):
+        raise EntrySchemaError("state.json lists no entry.json or batch.yaml hash")
     fps = manifest["fingerprints"]
     if not isinstance(fps, dict) or set(fps) != {"before", "after"}:
         raise EntrySchemaError("state.json fingerprints must have 'before' and 'after'")
@@ -247,6 +258,7 @@ class Entry:
     path: Path
     content: dict
     manifest: dict
+    batch: Any = None  # the Batch read from batch.yaml (directory names of parent/target)
 
     # content
     @property
@@ -322,13 +334,14 @@ class Entry:
     def summary(self) -> dict:
         """What ``editledger show``/``log`` print: content and manifest fields, flattened a little."""
         out = {"seq": self.seq, "id": self.id, "dir": self.dirname, "kind": self.kind, "parent": self.parent,
+               "parent_dir": self.batch.parent if self.batch is not None else None,
                "approximate": self.approximate, "active": self.active, "created_at": self.manifest["created_at"]}
         if self.kind == "edit":
             out.update(method=self.method, n_requests=len(self.requests), requests=self.requests,
                        hparams=self.hparams, covariance_ids=self.covariance_ids, reapplies=self.reapplies,
                        deltas=self.delta_params)
         else:
-            out.update(target=self.target)
+            out.update(target=self.target, target_dir=self.batch.target if self.batch is not None else None)
             if self.kind == "drop":
                 out.update(mode=self.mode, reapply=list(self.reapply_plan))
         out.update(fingerprints=self.fingerprints, versions=self.manifest["versions"],

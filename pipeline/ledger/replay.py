@@ -19,19 +19,12 @@ import torch
 from torch import nn
 
 from pipeline.ledger.atomic import canonical_json
-from pipeline.ledger.chain import EMPTY, ChainState
+from pipeline.ledger.chain import ChainState
 from pipeline.ledger.entry import BASE, Entry
 from pipeline.ledger.errors import BaseMismatchError, LedgerCorruptError
-from pipeline.ledger.store import load, load_deltas, resolve_ref
+from pipeline.ledger.store import dirname_of, load, load_deltas, read_evaluation, state_at
 from pipeline.ledger.weights import Replayer, check_record
 from pipeline.models.loading import model_fingerprint
-
-
-def _point(chain: list[Entry], states: list[ChainState], ref: str | None) -> tuple[Entry | str, ChainState]:
-    if ref is None:
-        return (chain[-1], states[-1]) if chain else (BASE, EMPTY)
-    t = resolve_ref(chain, ref)
-    return (t, EMPTY) if t == BASE else (t, states[t.seq - 1])
 
 
 def materialize(ledger_dir: str | Path, upto: str | None, base_model: nn.Module, *, inplace: bool = False,
@@ -39,13 +32,14 @@ def materialize(ledger_dir: str | Path, upto: str | None, base_model: nn.Module,
     """The model in the state right after ``upto`` (default: the current state; ``'base'``: none).
 
     Works on a deep copy of ``base_model`` unless ``inplace``.  With ``check`` (default) the base
-    fingerprint is checked first and the result against the recorded 'after' fingerprint.
+    fingerprint is checked first and the result against the recorded 'after' fingerprint.  A
+    sequence number or directory name reads the ledger only up to that entry.
     """
-    chain, states = load(ledger_dir)
+    chain, states = load(ledger_dir, upto=dirname_of(ledger_dir, upto))
     model = base_model if inplace else copy.deepcopy(base_model)
     if check and chain and model_fingerprint(model) != chain[0].base_fingerprint:
         raise BaseMismatchError("base_model is not the ledger's base model (fingerprint differs)")
-    target, state = _point(chain, states, upto)
+    target, state = state_at(chain, states, upto)
     by_id = {e.id: e for e in chain}
     Replayer(model, lambda eid: load_deltas(by_id[eid])).goto(state.ops)
     if check and target != BASE:
@@ -66,7 +60,7 @@ class Side:
     requests: list[dict]
     param_norms: dict[str, float]  # Frobenius norm of the net weight change from the base
     layer_norms: dict[str, float]  # the same, combined per layer ("other" for unnumbered names)
-    metrics: dict | None
+    metrics: dict | None  # the evaluation ({"pre", "post"}) if evaluated, else the manifest's metrics
     approximate: bool
 
 
@@ -101,9 +95,12 @@ def _side(ref: str, target: Entry | str, state: ChainState, by_id: dict[str, Ent
         layers[_layer_of(n)] = layers.get(_layer_of(n), 0.0) + v * v
     requests = [r for eid in state.active for r in by_id[eid].requests]
     is_entry = isinstance(target, Entry)
+    metrics = None
+    if is_entry:
+        ev = read_evaluation(target)
+        metrics = {"pre": ev["pre"], "post": ev["post"]} if ev else target.metrics
     return Side(ref, target.id if is_entry else None, target.seq if is_entry else None, list(state.active), requests,
-                norms, {k: v ** 0.5 for k, v in sorted(layers.items())}, target.metrics if is_entry else None,
-                state.approximate)
+                norms, {k: v ** 0.5 for k, v in sorted(layers.items())}, metrics, state.approximate)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -123,8 +120,8 @@ def diff(ledger_dir: str | Path, a: str, b: str) -> LedgerDiff:
     """Compare the states after ``a`` and ``b`` (references as in :func:`resolve_ref`, or ``'base'``)."""
     chain, states = load(ledger_dir)
     by_id = {e.id: e for e in chain}
-    sa = _side(a, *_point(chain, states, a), by_id)
-    sb = _side(b, *_point(chain, states, b), by_id)
+    sa = _side(a, *state_at(chain, states, a), by_id)
+    sb = _side(b, *state_at(chain, states, b), by_id)
     keys_a = {canonical_json(r) for r in sa.requests}
     keys_b = {canonical_json(r) for r in sb.requests}
     out = LedgerDiff(sa, sb, [r for r in sb.requests if canonical_json(r) not in keys_a],

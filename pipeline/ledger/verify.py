@@ -5,15 +5,18 @@ link, so further reports would only be noise):
 
 * every file of a committed entry: ``state.json`` canonical and sealed by its digest,
   ``entry.json`` canonical and hashing to the entry id, every file listed in the manifest
-  (deltas included) matching its sha256, delta tensors as recorded;
+  (add-time inputs, keys/values outputs, deltas) matching its sha256, delta tensors as recorded,
+  and the evaluation (``metrics.json`` sealed, naming this entry, ``eval.parquet`` as recorded);
 * the chain: dense sequence numbers, each parent = the previous id, one base model, fingerprints
   that connect, reverts/drops that make sense, recorded active sets that match the chain;
 * with ``replay=True``: the base model from ``load_base()`` has the recorded base fingerprint, and
   replaying the active chain after each entry reproduces the recorded before/after weight
   fingerprints (full model and edited parameters) exactly.
 
-Incomplete (interrupted) entries are listed, not failed: they were never committed.  The result is
-a structured object; the CLI prints it and exits non-zero when ``ok`` is false.
+Batches without a committed entry (pending, or an interrupted apply) are listed, not failed: they
+were never committed and are never active.  A committed entry *after* such a batch is a failure
+(stale: it hangs off a history that is being recomputed; ``dvc repro -P`` finishes that).  The
+result is a structured object; the CLI prints it and exits non-zero when ``ok`` is false.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from torch import nn
 from pipeline.ledger.chain import EMPTY, ChainState
 from pipeline.ledger.entry import Entry
 from pipeline.ledger.errors import LedgerCorruptError
-from pipeline.ledger.store import STATE_FILE, load_deltas, scan, walk
+from pipeline.ledger.layout import UNLISTED_FILES, scan
+from pipeline.ledger.store import load_deltas, read_evaluation, walk
 from pipeline.ledger.weights import Replayer, check_record
 from pipeline.models.loading import model_fingerprint
 
@@ -61,8 +65,8 @@ class VerifyResult:
         if self.ok:
             how = "hash chain and replay" if self.replayed else "hash chain"
             return f"ok: {self.checked} entries verified ({how})" + (
-                f"; {len(self.incomplete)} incomplete entr{'y' if len(self.incomplete) == 1 else 'ies'} ignored"
-                if self.incomplete else "")
+                f"; {len(self.incomplete)} uncommitted batch{'' if len(self.incomplete) == 1 else 'es'} (pending or "
+                f"interrupted: `dvc repro -P` computes them): {', '.join(self.incomplete)}" if self.incomplete else "")
         b = self.first_bad
         return f"FAILED at {b.dirname}{f' ({b.entry_id})' if b.entry_id else ''}: {b.reason}"
 
@@ -105,17 +109,22 @@ def verify(ledger_dir: str | Path, replay: bool = False,
         return VerifyResult(False, 0, 0, VerifyIssue(str(root), None, None, "no ledger directory", "files"))
     if replay and load_base is None:
         raise ValueError("verify(replay=True) needs load_base=callable returning the base model")
-    dirs = scan(root)
+    try:
+        dirs = scan(root)
+    except LedgerCorruptError as exc:
+        return VerifyResult(False, 0, 0, _issue(exc))
     committed = [d for d in dirs if d.committed]
     result = VerifyResult(True, len(committed), 0, incomplete=[d.name for d in dirs if not d.committed])
     chain: list[Entry] = []
     states: list[ChainState] = []
     try:
         for e, s in walk(root, check_files=True):
+            read_evaluation(e)  # raises LedgerCorruptError for a modified metrics.json / eval.parquet
             chain.append(e)
             states.append(s)
             result.checked += 1
-            extra = sorted(p.name for p in e.path.iterdir() if p.name not in e.manifest["files"] and p.name != STATE_FILE)
+            extra = sorted(p.name for p in e.path.iterdir()
+                           if p.name not in e.manifest["files"] and p.name not in UNLISTED_FILES)
             if extra:
                 result.warnings.append(f"{e.dirname}: files not listed in the manifest: {', '.join(extra)}")
     except LedgerCorruptError as exc:

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.data import sha256_file
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # name -> (pip package holding the GGUF, how to install it)
@@ -127,7 +129,7 @@ def materialize_gguf(gguf: Path, dest: Path) -> Path:
     try:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": fname, "gguf_sha256": _file_sha256(gguf)}, indent=2))
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": fname, "gguf_sha256": sha256_file(gguf)}, indent=2))
         (tmp / "fingerprint.txt").write_text(model_fingerprint(clean) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
@@ -140,14 +142,6 @@ def materialize_gguf(gguf: Path, dest: Path) -> Path:
 
 def _is_tied(model: nn.Module, name: str) -> bool:
     return name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_model_dir(name: str = DEFAULT_MODEL) -> Path:

@@ -1,0 +1,163 @@
+"""What the DVC stages share: where the project's files are, its parameters, the base model.
+
+Root stages run with the repository root as working directory; batch stages run inside their
+batch directory ``ledger/<seq>-<hash12>/``, so the root is two levels up.  Everything a stage
+reads is either declared in its ``dvc.yaml`` entry or pinned by something that is (the base model
+by ``data/model.json``, the history by the parent's ``state.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import load_params
+from pipeline.editing.covariance import Corpus
+from pipeline.editing.hparams import HParams, load_hparams
+from pipeline.editing.methods import Method, get_method
+from pipeline.models.loading import LoadedModel, load_model
+
+CORPUS = Path("data/wikitext/wikitext2_raw_test.txt")  # the data stage's verified copy
+
+
+class StageError(RuntimeError):
+    """A stage cannot run with the project as it is; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Project:
+    root: Path
+
+    @classmethod
+    def find(cls, start: str | Path | None = None) -> Project:
+        """``$EDITLEDGER_ROOT``, else the nearest directory (from ``start`` or the cwd up) holding
+        ``.dvc/`` (batch directories hold a dvc.yaml too, so that is not the marker), else the cwd."""
+        if os.environ.get("EDITLEDGER_ROOT"):
+            return cls(Path(os.environ["EDITLEDGER_ROOT"]).resolve())
+        here = Path(start or Path.cwd()).resolve()
+        for p in (here, *here.parents):
+            if (p / ".dvc").is_dir():
+                return cls(p)
+        return cls(here)
+
+    @classmethod
+    def of_batch(cls, batch_dir: str | Path) -> Project:
+        return cls(Path(batch_dir).resolve().parent.parent)
+
+    ledger = property(lambda self: self.root / "ledger")
+    data = property(lambda self: self.root / "data")
+    model_dir = property(lambda self: self.root / "data" / "model")
+    model_json = property(lambda self: self.root / "data" / "model.json")
+    covariance_dir = property(lambda self: self.root / "data" / "covariance")
+    params_file = property(lambda self: self.root / "params.yaml")
+
+    def path(self, value: str | Path) -> Path:
+        """A path from params.yaml: absolute, or relative to the project root."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def params(self, path: str | Path | None = None) -> dict[str, Any]:
+        """params.yaml (or ``path``), with defaults filled in."""
+        if path is not None:
+            return load_params(path)
+        return load_params(self.params_file if self.params_file.exists() else None)
+
+
+def resolve_hparams(project: Project, cfg: dict, method: str) -> tuple[Method, HParams]:
+    """The method spec and its hyper-parameters as params.yaml configures them."""
+    spec = get_method(method)
+    name = cfg["edit"]["hparams"]
+    if Path(name).suffix in (".yaml", ".yml"):
+        name = project.path(name)
+    return spec, load_hparams(name, spec.hparams_from, cfg["edit"]["overrides"])
+
+
+def needed_covariances(spec: Method, hp: HParams) -> list[tuple[str, int]]:
+    return [(role, layer) for layer in hp.layers for role, _ in spec.writes]
+
+
+def configured_covariances(cfg: dict) -> list[tuple[str, int]]:
+    return [(role, layer) for layer in cfg["covariance"]["layers"] for role in cfg["covariance"]["roles"]]
+
+
+def check_covariance_config(cfg: dict, spec: Method, hp: HParams) -> None:
+    """A batch may only edit (role, layer) pairs whose covariance the pipeline computes."""
+    missing = [t for t in needed_covariances(spec, hp) if t not in configured_covariances(cfg)]
+    if missing:
+        raise StageError(f"method {spec.name} edits {', '.join(f'{r}@{layer}' for r, layer in missing)}, but params.yaml "
+                         f"computes covariances only for layers {cfg['covariance']['layers']} and roles "
+                         f"{cfg['covariance']['roles']}: add them under `covariance:` (then `dvc repro -P`)")
+
+
+def corpus(project: Project, cfg: dict) -> Corpus:
+    path = project.path(cfg["corpus"]["path"]) if cfg["corpus"]["path"] else project.root / CORPUS
+    if not path.exists():
+        raise StageError(f"covariance corpus {path} does not exist (the data stage writes the default one)")
+    return Corpus.from_file(path)
+
+
+def base_model(project: Project, device: str | None = None) -> LoadedModel:
+    """The base model materialised by the ``model`` stage, checked against its recorded fingerprint."""
+    try:
+        info = json.loads(project.model_json.read_text())
+    except FileNotFoundError:
+        raise StageError(f"no base model at {project.model_dir}: run `dvc repro -P` (stage model) first") from None
+    lm = load_model(project.model_dir, device=device or project.params()["model"]["device"], dtype=info["dtype"])
+    if lm.fingerprint != info["fingerprint"]:
+        raise StageError(f"{project.model_dir} does not match the fingerprint in {project.model_json}; "
+                         "run `dvc checkout` or `dvc repro -P`")
+    return lm
+
+
+def parent_state(project: Project, parent: str | None, model) -> None:
+    """Bring the base ``model`` (in place) to the state after batch directory ``parent``."""
+    from pipeline.ledger.replay import materialize
+
+    if parent is not None:
+        materialize(project.ledger, parent, model, inplace=True)
+
+
+@dataclass
+class EditBatch:
+    """An edit batch opened by a stage: its inputs, and the model in its parent's state."""
+
+    dir: Path
+    project: Project
+    batch: Any
+    spec: Method
+    hp: HParams
+    requests: list
+    lm: LoadedModel
+    materialize_s: float
+
+
+def open_edit_batch(batch_dir: str | Path, stage: str) -> EditBatch:
+    """Read an edit batch's inputs, check its covariance configuration, load the base model and
+    replay the history up to its parent (checked bit for bit against the recorded fingerprints)."""
+    import time
+
+    from pipeline.ledger import read_batch, read_requests
+
+    batch_dir = Path(batch_dir).resolve()
+    project = Project.of_batch(batch_dir)
+    batch = read_batch(batch_dir)
+    if batch.kind != "edit":
+        raise StageError(f"{batch_dir.name} is a {batch.kind} batch: it has no {stage} stage")
+    spec, hp = get_method(batch.method), HParams.from_dict(batch.hparams)
+    check_covariance_config(project.params(), spec, hp)
+    reqs = read_requests(batch_dir)
+    lm = base_model(project)
+    t0 = time.perf_counter()
+    parent_state(project, batch.parent, lm.model)
+    return EditBatch(batch_dir, project, batch, spec, hp, reqs, lm, time.perf_counter() - t0)
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Readable, deterministic JSON (sorted keys), written atomically."""
+    from pipeline.ledger.atomic import write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
