@@ -108,37 +108,21 @@ class Adapter:
             raise AdapterError(f"{self.family} adapter: module {path!r} not found in the model") from exc
 
 
-_LLAMA_LIKE = dict(
-    backbone="model",
-    blocks="model.layers",
-    block="model.layers.{}",
-    mlp_out="model.layers.{}.mlp.down_proj",
-    attn_out="model.layers.{}.self_attn.o_proj",
-    final_norm="model.norm",
-    lm_head="lm_head",
-)
+def _llama_like(backbone: str = "model", post_norm: bool = False) -> dict:
+    """Paths of Llama-style decoders (also Mistral, Qwen2, Gemma-3) under ``backbone``."""
+    layer = f"{backbone}.layers.{{}}"
+    return dict(backbone=backbone, blocks=f"{backbone}.layers", block=layer, mlp_out=f"{layer}.mlp.down_proj",
+                attn_out=f"{layer}.self_attn.o_proj", final_norm=f"{backbone}.norm", lm_head="lm_head",
+                mlp_post_norm=f"{layer}.post_feedforward_layernorm" if post_norm else None)
+
 
 FAMILIES: dict[str, Adapter] = {
-    "llama": Adapter(family="llama", **_LLAMA_LIKE),
-    "mistral": Adapter(family="mistral", **_LLAMA_LIKE),
-    "qwen2": Adapter(family="qwen2", **_LLAMA_LIKE),
-    "gemma3_text": Adapter(
-        family="gemma3_text",
-        mlp_post_norm="model.layers.{}.post_feedforward_layernorm",
-        **_LLAMA_LIKE,
-    ),
+    "llama": Adapter(family="llama", **_llama_like()),
+    "mistral": Adapter(family="mistral", **_llama_like()),
+    "qwen2": Adapter(family="qwen2", **_llama_like()),
+    "gemma3_text": Adapter(family="gemma3_text", **_llama_like(post_norm=True)),
     # Gemma-3 checkpoints with the multimodal config: the text decoder sits under language_model.
-    "gemma3": Adapter(
-        family="gemma3",
-        backbone="model.language_model",
-        blocks="model.language_model.layers",
-        block="model.language_model.layers.{}",
-        mlp_out="model.language_model.layers.{}.mlp.down_proj",
-        attn_out="model.language_model.layers.{}.self_attn.o_proj",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
-        mlp_post_norm="model.language_model.layers.{}.post_feedforward_layernorm",
-    ),
+    "gemma3": Adapter(family="gemma3", **_llama_like("model.language_model", post_norm=True)),
     "gpt2": Adapter(
         family="gpt2",
         backbone="transformer",
