@@ -1,0 +1,44 @@
+"""Perplexity of a model on a list of texts: the collapse check (ME-PPL-50).
+
+Editing can break a model without hurting the edited facts ("model collapse", Yang et al. 2024);
+the symptom is perplexity on ordinary text shooting up.  The number is token-level:
+``exp(Σ NLL / Σ predicted tokens)`` over all texts, each tokenised on its own with the tokenizer's
+BOS token (if it adds one) and cut to ``max_length`` tokens, so texts of different length weigh by
+their token count, as in the ME-PPL paper's token-averaged perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.editing.tokens import pad_right
+from pipeline.models.adapters import adapter_for
+
+
+@torch.no_grad()
+def perplexity(model, tok, texts: list[str], max_length: int = 256, batch_size: int = 8) -> float:
+    """Token-level perplexity of ``model`` on ``texts`` (see the module docstring)."""
+    if not texts:
+        raise ValueError("perplexity needs at least one text")
+    adapter = adapter_for(model)
+    backbone = adapter.module(model, "backbone")
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    encoded = [tok(t)["input_ids"][:max_length] for t in texts]
+    if any(len(e) < 2 for e in encoded):
+        raise ValueError("every perplexity text needs at least two tokens")
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    nll, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        seqs = [encoded[i] for i in order[start : start + batch_size]]
+        ids, mask = pad_right(seqs, pad)
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        take = mask[:, 1:].bool()
+        logits = adapter.logits(model, hidden[:, :-1][take])
+        nll += float(F.cross_entropy(logits.float(), ids[:, 1:][take], reduction="sum"))
+        count += int(take.sum())
+    return math.exp(nll / count)
