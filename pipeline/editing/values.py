@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from pipeline.editing.hooks import add_at, edit_output, hooks
 from pipeline.editing.hparams import HParams
 from pipeline.editing.methods import SITE_ROLES
+from pipeline.editing.precision import master_dtype
 from pipeline.editing.requests import EditRequest
 from pipeline.editing.tokens import Encoded, encode_with_subject, pad_right, target_ids
 from pipeline.models.adapters import Adapter
@@ -258,7 +260,8 @@ def _request_losses(forward: _Forward, out: StepOutput, part: torch.Tensor, delt
     return loss, nll, kl, wd, misses
 
 
-def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, int], hp: HParams) -> ValueResult:
+def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, int], hp: HParams,
+                    progress: bool = False) -> ValueResult:
     """Jointly optimise δ for every request and site (per-request stopping, per-site clamps).
 
     Each step runs the active requests in chunks of ``hp.v_batch_requests`` and accumulates their
@@ -267,7 +270,7 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
     """
     p = forward.p
     N, device = p.n_requests, forward.device
-    dtype = next(forward.model.parameters()).dtype
+    dtype = master_dtype(next(forward.model.parameters()).dtype)
     delta = {s: torch.zeros(N, dims[s], device=device, dtype=dtype, requires_grad=True) for s in sites}
     opt = torch.optim.Adam(list(delta.values()), lr=hp.v_lr)
     active = torch.ones(N, dtype=torch.bool)
@@ -276,7 +279,9 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
     init = {s: torch.zeros(N, dims[s], device=device, dtype=dtype) for s in sites}
     init_kl: torch.Tensor | None = None
     trace: list[dict] = []
+    bar = tqdm(total=hp.v_num_grad_steps, desc=f"values ({N} requests)", unit="step", disable=not progress)
     for it in range(hp.v_num_grad_steps):
+        bar.update()
         last = it == hp.v_num_grad_steps - 1
         idx = torch.nonzero(active).squeeze(1)
         done = torch.zeros(N, dtype=torch.bool)
@@ -287,7 +292,7 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
             out = forward({s: delta[s][part.to(device)] for s in sites}, in_part)
             if it == 0:  # δ = 0 here: the unedited values and distributions
                 for s in sites:
-                    init[s][part.to(device)] = out.site_init[s].detach()
+                    init[s][part.to(device)] = out.site_init[s].detach().to(dtype)
                 kl0 = F.log_softmax(out.kl_logits.float(), -1).detach()
                 if init_kl is None:
                     init_kl = torch.zeros(N, kl0.shape[-1], device=device)
@@ -327,5 +332,6 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
                 d.mul_(scale[:, None])
                 if not torch.isfinite(d).all():
                     raise OptimisationError(f"non-finite δ at step {it}; lower v_lr or check the model")
+    bar.close()
     final = {s: delta[s].detach() for s in sites}
     return ValueResult(targets={s: init[s] + final[s] for s in sites}, init=init, deltas=final, steps=steps + 1, trace=trace)
