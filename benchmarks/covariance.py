@@ -12,13 +12,16 @@ hyper-parameters (1-5 for SmolLM2-135M):
   an hour here).
 
 Also reports how far the bfloat16 covariance is from the float32 one (relative Frobenius norm)
-per layer.  Medians over ``--repeat`` runs.
+per layer, and with ``--edit-check N`` what that does to an edit: the same PMET targets of N
+CounterFact dev requests spread with either covariance (delta difference, metrics).  Medians over
+``--repeat`` runs.
 
-    python benchmarks/covariance.py --repeat 3 --out benchmarks/results/covariance.json
+    python benchmarks/covariance.py --repeat 3 --edit-check 50 --out benchmarks/results/covariance.json
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -29,15 +32,20 @@ from pathlib import Path
 import torch
 import typer
 
+from pipeline.editing.context import context_prefixes
 from pipeline.editing.covariance import Corpus, compute_second_moments
-from pipeline.editing.engine import default_corpus
+from pipeline.editing.engine import compute_targets, default_corpus, spread_targets
 from pipeline.editing.hooks import hooks, record_input, run_truncated, stop_after
 from pipeline.editing.hparams import load_hparams
+from pipeline.editing.methods import get_method
+from pipeline.editing.requests import parse_requests
+from pipeline.evaluation.protocols import evaluate
 from pipeline.editing.precision import working_copy
 from pipeline.models.adapters import adapter_for
 from pipeline.models.loading import load_model
 
 app = typer.Typer(add_completion=False)
+COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "multi_counterfact_dev.json"
 
 
 def _batches(chunks: list[list[int]], batch_tokens: int):
@@ -88,7 +96,7 @@ def _timed(fn, repeat: int) -> dict:
 @app.command()
 def main(repeat: int = 3, naive_tokens: int = 16384, model: str = "smollm2-135m-instruct",
          hparams: str = "smollm2-135m-instruct", out: Path = Path("benchmarks/results/covariance.json"),
-         max_chunks: int = 0):
+         max_chunks: int = 0, edit_check: int = 0):
     lm = load_model(model)
     hp = load_hparams(hparams, "pmet")
     adapter = adapter_for(lm.model)
@@ -123,13 +131,33 @@ def main(repeat: int = 3, naive_tokens: int = 16384, model: str = "smollm2-135m-
     res["modes"]["naive_float32"] = {**naive, "tokens": total,
                                      "extrapolated_full_s": naive["median_s"] * n_tokens / total}
     for mode in res["modes"].values():
-        mode["ms_per_1k_tokens"] = 1000 * mode["median_s"] / mode.get("tokens", n_tokens)
+        mode["ms_per_1k_tokens"] = 1e6 * mode["median_s"] / mode.get("tokens", n_tokens)
     res["bfloat16_vs_float32_rel_frobenius"] = {
         f"{r}@{layer}": float((covs["bfloat16"][(r, layer)] - covs["float32"][(r, layer)]).norm()
                               / covs["float32"][(r, layer)].norm()) for r, layer in targets}
+    if edit_check:
+        res["edit_check"] = _edit_check(lm, adapter, hp, covs, edit_check)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
+
+
+def _edit_check(lm, adapter, hp, covs: dict, n: int) -> dict:
+    """Spread the same PMET targets of ``n`` CounterFact dev requests with the float32 and with the
+    bfloat16 covariance: how different are the weight deltas and the edit's metrics?"""
+    spec = get_method("pmet")
+    reqs = parse_requests(json.loads(COUNTERFACT.read_text())[:n])
+    prefixes = context_prefixes(lm.model, lm.tokenizer, hp)
+    values = compute_targets(lm.model, lm.tokenizer, adapter, reqs, prefixes, spec, hp)
+    out: dict = {"requests": f"counterfact dev 0-{n - 1}", "v_dtype": hp.v_dtype}
+    deltas = {}
+    for dtype, c in covs.items():
+        m = copy.deepcopy(lm.model)
+        deltas[dtype], _ = spread_targets(m, lm.tokenizer, adapter, reqs, prefixes, spec, hp, values, c, apply=True)
+        post, _ = evaluate(m, lm.tokenizer, reqs)
+        out[f"post_{dtype}"] = {k: post[k] for k in ("efficacy", "generalization", "specificity", "score")}
+    out["delta_rel_diff"] = {name: float((deltas["bfloat16"][name] - d).norm() / d.norm()) for name, d in deltas["float32"].items()}
+    return out
 
 
 if __name__ == "__main__":

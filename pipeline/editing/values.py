@@ -152,6 +152,7 @@ class PrefixCachedForward(_Forward):
         super().__init__(*args, **kwargs)
         p = self.p
         self.prefix_len = torch.tensor([e.subject_last for e in p.encoded])
+        self.suffix_len = torch.tensor([len(e.ids) - e.subject_last for e in p.encoded])
         self._kv = None  # per-layer (keys, values) of all sequences' left-padded prefixes
         self._selected: dict[tuple, list] = {}  # prefix KV of each chunk of sequences
         self._prefix_width = int(self.prefix_len.max())
@@ -195,20 +196,33 @@ class PrefixCachedForward(_Forward):
         local = torch.full((len(p.encoded),), -1, dtype=torch.long)
         local[seqs] = torch.arange(len(seqs))
         req_row = torch.cumsum(active.long(), 0) - 1
-        sl = self.prefix_len[seqs]
-        ids, smask = pad_right([p.encoded[s].ids[p.encoded[s].subject_last :] for s in seqs.tolist()], self.pad_id)
-        pos = sl[:, None] + torch.arange(ids.shape[1])[None, :]
-        mask = torch.cat([self._prefix_mask[seqs], smask], 1) if W else smask
-        cache = self._cache_rows(seqs)
-        rows = torch.arange(len(seqs))
-        cols = torch.zeros(len(seqs), dtype=torch.long)
-        first_rows = local[p.first_rewrite[active]]
-        init: dict = {}
-        regs = self._hook_regs(deltas, rows.to(self.device), cols.to(self.device), req_row[p.seq_request[seqs]].to(self.device), first_rows.to(self.device), init)
-        with hooks(regs):
-            hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                   position_ids=pos.to(self.device), past_key_values=cache,
-                                   use_cache=cache is not None).last_hidden_state
+        # sequences sorted by suffix length and run in buckets: padding every suffix to the
+        # longest one would spend about half of the work on pads
+        order = torch.argsort(self.suffix_len[seqs], stable=True)
+        width = int(self.suffix_len[seqs].max())
+        parts, heads = [], {site: [] for site in self.sites}
+        for bucket in length_buckets(self.suffix_len[seqs][order].tolist()):
+            rows_b = order[bucket]
+            seqs_b = seqs[rows_b]
+            ids, smask = pad_right([p.encoded[s].ids[p.encoded[s].subject_last :] for s in seqs_b.tolist()], self.pad_id)
+            pos = self.prefix_len[seqs_b][:, None] + torch.arange(ids.shape[1])[None, :]
+            mask = torch.cat([self._prefix_mask[seqs_b], smask], 1) if W else smask
+            cache = self._cache_rows(seqs_b)
+            rows = torch.arange(len(seqs_b), device=self.device)
+            cols = torch.zeros(len(seqs_b), dtype=torch.long, device=self.device)
+            head: dict = {}  # each site's value at every row's first suffix token (the subject's last)
+            regs = self._hook_regs(deltas, rows, cols, req_row[p.seq_request[seqs_b]].to(self.device), rows, head)
+            with hooks(regs):
+                hidden_b = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                         position_ids=pos.to(self.device), past_key_values=cache,
+                                         use_cache=cache is not None).last_hidden_state
+            parts.append(F.pad(hidden_b, (0, 0, 0, width - hidden_b.shape[1])))
+            for site in self.sites:
+                heads[site].append(head[site])
+        back = torch.argsort(order).to(self.device)  # bucket order → seqs order
+        hidden = torch.cat(parts)[back]
+        first_rows = local[p.first_rewrite[active]].to(self.device)
+        init = {site: torch.cat(heads[site])[back][first_rows] for site in self.sites}
         tgt_rows = local[p.tgt_seq[tgt_mask]]
         tgt_cols = p.tgt_pos[tgt_mask] - self.prefix_len[p.tgt_seq[tgt_mask]]
         kl_rows = local[p.kl_seq[active]]
@@ -216,6 +230,26 @@ class PrefixCachedForward(_Forward):
         logits = self.adapter.logits(self.model, gathered)
         n_t = len(tgt_rows)
         return StepOutput(logits[:n_t], logits[n_t:], init)
+
+
+BUCKET_OVERHEAD_TOKENS = 64  # what one more forward call costs, in padded suffix tokens (measured order)
+
+
+def length_buckets(lengths: list[int], overhead: int | None = None) -> list[slice]:
+    """Split ascending ``lengths`` into runs, each padded to its own maximum.
+
+    A run of equal lengths joins the current bucket when padding the bucket's rows up to the
+    new length costs no more than ``overhead`` tokens (the price of another forward call).
+    """
+    overhead = BUCKET_OVERHEAD_TOKENS if overhead is None else overhead
+    buckets, start = [], 0
+    for i in range(1, len(lengths)):
+        if (i - start) * (lengths[i] - lengths[i - 1]) > overhead:
+            buckets.append(slice(start, i))
+            start = i
+    if lengths:
+        buckets.append(slice(start, len(lengths)))
+    return buckets
 
 
 @dataclass
