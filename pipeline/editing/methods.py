@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 SUBJECT_SITES = ("residual", "attn", "mlp")
 PREDICTION_SITES = ("pred_residual", "pred_attn", "pred_mlp")
-SITES = SUBJECT_SITES + PREDICTION_SITES
+SITES = SUBJECT_SITES  # at the subject's last token (the classic sites)
+ALL_SITES = SUBJECT_SITES + PREDICTION_SITES
 # Which module's output each site is: the block output h^L, the attention output projection's
 # output a^L, the MLP output projection's output m^L (the space its closed-form update is exact in).
 SITE_ROLES = {"residual": "block", "attn": "attn_out", "mlp": "mlp_out",
@@ -54,7 +55,7 @@ class Method:
     joint: bool = True  # optimise both regions' vectors together (False: low region first, then high)
 
     def __post_init__(self):
-        if not set(self.sites) <= set(SITES):
+        if not set(self.sites) <= set(ALL_SITES):
             raise MethodError(f"{self.name}: unknown site in {self.sites}")
         if len(set(self.sites)) != len(self.sites) or not self.sites:
             raise MethodError(f"{self.name}: sites must be distinct and non-empty, got {self.sites}")
