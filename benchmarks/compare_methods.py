@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_VARIANTS = ("pmet", "memit", "jeep", "pmet+iterative", "pmet+na", "pmet-mlp-only", "pmet-attn-write",
+DEFAULT_VARIANTS = ("pmet             f"fluency: {meta['fluency']}; hyper-parameter overrides for every variant: {args.overrides or 'none'}",
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]memit", "jeep", "pmet+iterative", "pmet+na", "pmet-mlp-only", "pmet-attn-write",
                     "pmet-even")
 FULL_N = 300
 DEFAULT_START = 0  # CounterFact dev records 0..299 (the hyper-parameter sweeps used 1000-1099)
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--neighbors", type=int, default=1, help="neighbours per request for +na / +nap (paper: 1)")
     ap.add_argument("--hparams", default="smollm2-135m-instruct")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--overrides", type=json.loads, default={},
+                    help="JSON hyper-parameter overrides for every variant (e.g. a smaller cov_max_texts for a smoke run)")
     ap.add_argument("--skip-fluency", action="store_true", help="leave fluency out (column 'not computed')")
     ap.add_argument("--dry-run", action="store_true", help="validate the variants and print the plan only")
     args = ap.parse_args(argv)
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
     plan = []
     for v in variants:
         method, over = parse_variant(v, args.neighbors)
+        over = {**args.overrides, **over}
         hp = load_hparams(args.hparams, get_method(method).hparams_from, over)  # bad settings fail before work
         plan.append((v, method, hp))
     smoke = args.n < FULL_N
@@ -150,25 +154,29 @@ def main(argv=None) -> int:
     print(json.dumps(rows[-1]))
     for v, method, hp in plan:
         lm.model.load_state_dict(base_state)
-        neighbors, iters, t0 = [], [], time.perf_counter()
+        neighbors, iters, trace, t0 = [], [], [], time.perf_counter()
         for lo, hi in batches:
             reqs = all_reqs[lo - args.start : hi - args.start]
             res = edit(lm.model, lm.tokenizer, reqs, method=method, hparams=hp, apply=True,
                        fingerprint=lm.fingerprint, progress=False)
             iters.append(len(res.iterations) if res.iterations else 1)
+            trace.append(res.iterations)  # per batch: p(θ_k, h̄_k), p(θ_k+1, ĥ_k), |Δp_k| of every iteration
             neighbors += res.editing_neighbors or [[] for _ in reqs]
         edit_s = time.perf_counter() - t0
         row = {"variant": v, **evaluate_state(lm.model, lm.tokenizer, all_reqs, neighbors if hp.neighbors else None,
                                               texts, flu),
-               "avg_iterations": sum(iters) / len(iters), "edit_s": edit_s}
+               "avg_iterations": sum(iters) / len(iters), "edit_s": edit_s, "iterations": trace,
+               "neighbors_used": sum(len(x) for x in neighbors) if hp.neighbors else None}
         rows.append(row)
         print(json.dumps(row))
     lm.model.load_state_dict(base_state)
 
     tag = f"compare_methods{'_smoke' if smoke else ''}_n{args.n}_b{args.batch}"
+    if args.overrides:
+        tag += "_" + "_".join(f"{k}{v}" for k, v in sorted(args.overrides.items()))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"smoke_run": smoke, "model": "SmolLM2-135M-Instruct", "records": [args.start, args.start + args.n - 1],
-            "batch": args.batch, "hparams": args.hparams, "neighbors": args.neighbors,
+            "batch": args.batch, "hparams": args.hparams, "overrides": args.overrides, "neighbors": args.neighbors,
             "fluency": "not computed (--skip-fluency)" if flu is None else "n-gram entropy of generations"}
     (args.out / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     cols = ["variant", "efficacy", "generalization", "specificity", "score", "fluency", "me_ppl_50", "avg_iterations",
@@ -176,7 +184,8 @@ def main(argv=None) -> int:
     fmt = lambda x: "—" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
     lines = [f"# {'SMOKE RUN — not a result: ' if smoke else ''}method comparison, SmolLM2-135M, CounterFact dev "
              f"{args.start}–{args.start + args.n - 1}, sequential batches of {args.batch}", "",
-             f"fluency: {meta['fluency']}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+             f"fluency: {meta['fluency']}; hyper-parameter overrides for every variant: {args.overrides or 'none'}",
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     (args.out / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / tag}.json and .md")
