@@ -28,8 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_VARIANTS = ("pmet             f"fluency: {meta['fluency']}; hyper-parameter overrides for every variant: {args.overrides or 'none'}",
-             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]memit", "jeep", "pmet+iterative", "pmet+na", "pmet-mlp-only", "pmet-attn-write",
+DEFAULT_VARIANTS = ("pmet", "memit", "jeep", "pmet+iterative", "pmet+na", "pmet-mlp-only", "pmet-attn-write",
                     "pmet-even")
 FULL_N = 300
 DEFAULT_START = 0  # CounterFact dev records 0..299 (the hyper-parameter sweeps used 1000-1099)
