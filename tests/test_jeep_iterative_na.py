@@ -400,3 +400,25 @@ def test_prediction_sites_agree_between_forward_strategies(model_factory, family
             logits = model(input_ids=torch.tensor([e.ids])).logits[0]
         t = int((problem.tgt_seq == s_idx).nonzero()[0])
         torch.testing.assert_close(a.tgt_logits[t], logits[int(problem.tgt_pos[t])], atol=1e-4, rtol=1e-4)
+
+
+def test_cli_rejects_bad_methods_and_modifiers_before_model_work(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    import pipeline.models.loading as loading
+    from pipeline.cli import app
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps(_records(2)))
+    cases = [(["--method", "jeep-turbo"], "unknown method 'jeep-turbo'"),
+             (["--neighbors", "11"], "neighbors must be an integer in 0..10"),
+             (["--neighbors", "1"], "needs a CounterFact record with target_true and neighborhood_samples")]
+    for extra, msg in cases:
+        res = CliRunner().invoke(app, ["edit", "--requests", str(req), "--out", str(tmp_path / "o"), *extra])
+        assert res.exit_code == 2 and msg in res.output, (extra, res.output)
+        assert not (tmp_path / "o").exists()
+    res = CliRunner().invoke(app, ["probe", "similarity", "--n", "0", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "n ≥ 1" in res.output and not (tmp_path / "p").exists()
