@@ -62,6 +62,8 @@ def write_edit_outputs(out: Path, lm, reqs, result, pre: dict, post: dict, pre_r
         (tmp / "edit.json").write_text(json.dumps({
             "method": result.method, "hparams": result.hparams.to_dict(), "prefixes": result.prefixes,
             "covariance_ids": result.covariance_ids, "steps": result.steps, "layers": result.layers,
+            "modifiers": result.hparams.modifiers, "iterations": result.iterations,
+            "editing_neighbors": result.editing_neighbors,
             "requests": [r.canonical() for r in reqs],
         }, indent=2, ensure_ascii=False))
         pd.DataFrame(result.traces).to_parquet(tmp / "trace.parquet", index=False)

@@ -38,9 +38,10 @@ def _user_errors():
     from pipeline.data import DataError
     from pipeline.ledger.errors import LedgerError
     from pipeline.stages.common import StageError
+    from pipeline.stages.probes import ProbeError
 
     return (DataError, ParamsError, HParamsError, MethodError, RequestError, AdapterError, ModelLoadError,
-            CovarianceCacheError, OptimisationError, LedgerError, StageError, UserError, FileNotFoundError)
+            CovarianceCacheError, OptimisationError, LedgerError, StageError, ProbeError, UserError, FileNotFoundError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -86,24 +87,27 @@ def sample(
 def edit(
     requests: Path = typer.Option(..., "--requests", help="JSON list of CounterFact / zsRE records"),
     out: Path = typer.Option(..., "--out", help="output directory (must not exist or be empty)"),
-    method: str = typer.Option(None, "--method", help="pmet | memit | pmet-mlp-only | pmet-attn-write | pmet-even (default: params)"),
+    method: str = typer.Option(None, "--method", help="pmet | memit | jeep | an ablation (see README; default: params)"),
     model: str = typer.Option(None, "--model", help="local HF model directory (default: params, else SmolLM2-135M-Instruct)"),
     params: Path = typer.Option(None, "--params", help="params.yaml (default: built-in defaults)"),
     engine: str = typer.Option(None, "--engine", help="fast | reference (default: params)"),
     save_model: bool = typer.Option(False, "--save-model", help="also write the edited HF model to OUT/model"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    iterative: bool = typer.Option(None, "--iterative/--no-iterative", help="iterative editing (default: params)"),
+    neighbors: int = typer.Option(None, "--neighbors", help="neighbour-assisted editing with N neighbours (0 = off)"),
 ):
     """Edit a batch of facts into the model; write metrics.json, deltas.safetensors and traces."""
     try:
-        _edit(requests, out, method, model, params, engine, save_model, progress)
+        _edit(requests, out, method, model, params, engine, save_model, progress, iterative, neighbors)
     except _user_errors() as exc:
         _fail(str(exc))
 
 
-def _edit(requests_path, out, method, model_path, params_path, engine, save_model, progress):
+def _edit(requests_path, out, method, model_path, params_path, engine, save_model, progress, iterative=None,
+          neighbors=None):
     import torch
 
-    from pipeline.config import load_params
+    from pipeline.config import load_params, modifier_overrides
     from pipeline.editing.engine import ENGINES, apply_deltas, default_corpus
     from pipeline.editing.engine import edit as run_edit
     from pipeline.editing.hparams import load_hparams
@@ -120,22 +124,27 @@ def _edit(requests_path, out, method, model_path, params_path, engine, save_mode
     spec = get_method(method)
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    hp = load_hparams(cfg["edit"]["hparams"], spec.hparams_from, cfg["edit"]["overrides"])
+    from pipeline.editing.neighbors import check_neighbor_requests
+
+    hp = load_hparams(cfg["edit"]["hparams"], spec.hparams_from, modifier_overrides(cfg, iterative, neighbors))
     reqs = load_requests(requests_path)
+    check_neighbor_requests(reqs, hp.neighbors)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} exists and is not empty")
     corpus = Path(cfg["corpus"]["path"]) if cfg["corpus"]["path"] else default_corpus()
 
     torch.manual_seed(cfg["seed"])
     lm = load_model(model_path or cfg["model"]["path"], device=cfg["model"]["device"], dtype=cfg["model"]["dtype"])
-    t0 = time.perf_counter()
-    pre, pre_rows = evaluate(lm.model, lm.tokenizer, reqs)
-    t_pre = time.perf_counter() - t0
     result = run_edit(lm.model, lm.tokenizer, reqs, method=method, hparams=hp, engine=engine, corpus=corpus,
                       cache_dir=cfg["cache_dir"], fingerprint=lm.fingerprint, progress=progress)
+    # evaluated after edit() (which leaves the model alone) so that the neighbours used by
+    # neighbour-assisted editing are left out of specificity before and after alike
+    t0 = time.perf_counter()
+    pre, pre_rows = evaluate(lm.model, lm.tokenizer, reqs, result.editing_neighbors)
+    t_pre = time.perf_counter() - t0
     apply_deltas(lm.model, result.deltas)
     t0 = time.perf_counter()
-    post, post_rows = evaluate(lm.model, lm.tokenizer, reqs)
+    post, post_rows = evaluate(lm.model, lm.tokenizer, reqs, result.editing_neighbors)
     t_post = time.perf_counter() - t0
     result.timings.update({"evaluate_pre_s": t_pre, "evaluate_post_s": t_post})
     write_edit_outputs(out, lm, reqs, result, pre, post, pre_rows, post_rows, save_model=save_model)
@@ -163,12 +172,14 @@ def add(
     requests: Path = typer.Option(..., "--requests", help="JSON list of CounterFact / zsRE records"),
     method: str = typer.Option(None, "--method", help="editing method (default: params edit.method)"),
     params: Path = typer.Option(None, "--params", help="params.yaml (default: the project's)"),
+    iterative: bool = typer.Option(None, "--iterative/--no-iterative", help="iterative editing (default: params)"),
+    neighbors: int = typer.Option(None, "--neighbors", help="neighbour-assisted editing with N neighbours (0 = off)"),
 ):
     """Append a batch of edit requests to the ledger (computed by `dvc repro -P`)."""
-    _guard(_add, requests, method, params)
+    _guard(_add, requests, method, params, iterative, neighbors)
 
 
-def _add(requests_path, method, params_path):
+def _add(requests_path, method, params_path, iterative=None, neighbors=None):
     from pipeline.editing.requests import load_requests
     from pipeline.ledger import add_edit
     from pipeline.stages.common import check_covariance_config, resolve_hparams
@@ -176,11 +187,15 @@ def _add(requests_path, method, params_path):
     project = _project()
     cfg = project.params(params_path)
     method = method or cfg["edit"]["method"]
-    spec, hp = resolve_hparams(project, cfg, method)
+    from pipeline.editing.neighbors import check_neighbor_requests
+
+    spec, hp = resolve_hparams(project, cfg, method, iterative, neighbors)
     check_covariance_config(cfg, spec, hp)
     reqs = load_requests(requests_path)
+    check_neighbor_requests(reqs, hp.neighbors)
     path = add_edit(project.ledger, reqs, spec.name, hp, engine=cfg["edit"]["engine"], seed=cfg["seed"])
-    typer.echo(f"added {_rel(project, path)}: {len(reqs)} requests, {spec.name}; `dvc repro -P` computes it")
+    mods = "".join(f" +{k}" for k in hp.modifiers)
+    typer.echo(f"added {_rel(project, path)}: {len(reqs)} requests, {spec.name}{mods}; `dvc repro -P` computes it")
 
 
 @app.command()
@@ -327,6 +342,46 @@ def report(out: Path = typer.Option(Path("reports/latest"), "--out", help="outpu
     typer.echo(f"wrote {out / 'index.html'}")
 
 
+# ------------------------------------------------------------------------------------------- probes
+
+probe_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Probes of the knowledge-recall process on CounterFact records (Parquet + PNG).")
+app.add_typer(probe_app, name="probe")
+
+
+def _probe(kind: str, start: int, n: int, out: Path, model_path: str | None, params_path: Path | None) -> None:
+    from pipeline.config import load_params
+    from pipeline.models.loading import load_model
+    from pipeline.stages.probes import records_for, run_probe
+
+    cfg = load_params(params_path)
+    records = records_for(start, n)  # checked before the model is loaded
+    lm = load_model(model_path or cfg["model"]["path"], device=cfg["model"]["device"], dtype=cfg["model"]["dtype"])
+    path = run_probe(kind, lm.model, lm.tokenizer, records, out)
+    typer.echo(f"{kind}: {n} CounterFact records ({start}..{start + n - 1}) → {path} and {path.with_suffix('.png')}")
+
+
+_PROBE_START = typer.Option(0, "--start", help="first CounterFact record")
+_PROBE_N = typer.Option(100, "--n", help="number of records")
+_PROBE_OUT = typer.Option(Path("reports/probes"), "--out", help="output directory")
+_PROBE_MODEL = typer.Option(None, "--model", help="local HF model directory (default: params, else SmolLM2-135M)")
+_PROBE_PARAMS = typer.Option(None, "--params", help="params.yaml (model path, device, dtype)")
+
+
+@probe_app.command("similarity")
+def probe_similarity(start: int = _PROBE_START, n: int = _PROBE_N, out: Path = _PROBE_OUT,
+                     model: str = _PROBE_MODEL, params: Path = _PROBE_PARAMS):
+    """PMET §3.2: cosine and top-50 Jaccard of the last token's state before/after attention and MLP, per layer."""
+    _guard(_probe, "similarity", start, n, out, model, params)
+
+
+@probe_app.command("logit-lens")
+def probe_logit_lens(start: int = _PROBE_START, n: int = _PROBE_N, out: Path = _PROBE_OUT,
+                     model: str = _PROBE_MODEL, params: Path = _PROBE_PARAMS):
+    """JEEP §4.1: probability and rank of the original vs target answer per layer (subject-last, prediction)."""
+    _guard(_probe, "logit-lens", start, n, out, model, params)
+
+
 # ------------------------------------------------------------------------------------ DVC stages
 
 stage_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -389,6 +444,22 @@ def stage_evaluate(batch: Path = typer.Option(Path("."), "--batch", help="the ba
     pre, post = doc["pre"], doc["post"]
     typer.echo(f"{doc['dir']}: " + "  ".join(f"{k} {pre[k]}→{post[k]}" for k in ("efficacy", "generalization",
                                                                                   "specificity")))
+
+
+@stage_app.command("probe")
+def stage_probe(kind: str = typer.Option(..., "--kind", help="similarity | logit-lens")):
+    """A probe on the base model over params.yaml's probes.start/probes.n records → reports/probes/."""
+    from pipeline.stages.common import base_model
+    from pipeline.stages.probes import records_for, run_probe
+
+    def _run():
+        project = _project()
+        cfg = project.params()
+        records = records_for(cfg["probes"]["start"], cfg["probes"]["n"])
+        lm = base_model(project)
+        return run_probe(kind, lm.model, lm.tokenizer, records, project.root / "reports" / "probes")
+
+    typer.echo(f"wrote {_guard(_run)}")
 
 
 @stage_app.command("summary")

@@ -11,11 +11,15 @@ import yaml
 DEFAULTS: dict[str, Any] = {
     "model": {"path": None, "device": "cpu", "dtype": "float32"},
     "corpus": {"path": None},
-    "edit": {"method": "pmet", "hparams": "smollm2-135m-instruct", "overrides": {}, "engine": "fast"},
+    # iterative / neighbors: the two modifiers (any method); recorded as hyper-parameters
+    "edit": {"method": "pmet", "hparams": "smollm2-135m-instruct", "overrides": {}, "engine": "fast",
+             "iterative": False, "neighbors": 0},
     # the DVC pipeline: one covariance stage per (role, layer); batches may only edit these
     "covariance": {"layers": [1, 2, 3, 4, 5], "roles": ["mlp_out"]},
     "cache_dir": None,
     "seed": 0,
+    # the probes' DVC stages (probes/dvc.yaml): CounterFact records start .. start+n
+    "probes": {"start": 0, "n": 100},
 }
 
 
@@ -52,6 +56,11 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
     params = _merge(DEFAULTS, doc, "")
     if not isinstance(params["edit"]["overrides"], dict):
         raise ParamsError("edit.overrides must be a mapping")
+    if not isinstance(params["edit"]["iterative"], bool):
+        raise ParamsError(f"edit.iterative must be true or false, got {params['edit']['iterative']!r}")
+    nb = params["edit"]["neighbors"]
+    if not isinstance(nb, int) or isinstance(nb, bool) or nb < 0:
+        raise ParamsError(f"edit.neighbors must be an integer ≥ 0, got {nb!r}")
     cov = params["covariance"]
     if not isinstance(cov["layers"], list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
                                                       for x in cov["layers"]):
@@ -59,3 +68,16 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
     if not isinstance(cov["roles"], list) or not all(r in ("mlp_out", "attn_out") for r in cov["roles"]):
         raise ParamsError("covariance.roles must be a list of mlp_out / attn_out")
     return params
+
+
+def modifier_overrides(cfg: dict[str, Any], iterative: bool | None = None, neighbors: int | None = None) -> dict[str, Any]:
+    """``edit.overrides`` plus the modifiers (command-line values win over params.yaml); the
+    result is validated with the rest of the hyper-parameters (``HParams``)."""
+    out = dict(cfg["edit"]["overrides"])
+    it = cfg["edit"]["iterative"] if iterative is None else iterative
+    nb = cfg["edit"]["neighbors"] if neighbors is None else neighbors
+    if it:
+        out["iterative"] = True
+    if nb != 0:
+        out["neighbors"] = nb
+    return out

@@ -202,3 +202,24 @@ def test_cli_add_log_and_user_errors(project_dir):
     with LedgerLock(project_dir / "ledger"):
         assert f"locked by process {os.getpid()}" in invoke("add", "--requests", "req.json", code=2)
     assert len(scan(project_dir / "ledger")) == 2
+
+
+def test_cli_add_records_modifiers_and_rejects_bad_ones(project_dir):
+    """--iterative / --neighbors are hashed hyper-parameters of the batch; bad values change nothing."""
+    recs = copy.deepcopy(COUNTERFACT_RECORDS[:2])
+    for r in recs:
+        r["neighborhood_samples"] = [{"subject": "Montesquieu", "prompt": r["requested_rewrite"]["prompt"]}]
+    (project_dir / "req_nb.json").write_text(json.dumps(recs))
+    assert "needs a CounterFact record" in invoke("add", "--requests", "req.json", "--neighbors", "2", code=2)
+    plain = invoke("add", "--requests", "req.json")
+    it = invoke("add", "--requests", "req.json", "--iterative")
+    nb = invoke("add", "--requests", "req_nb.json", "--neighbors", "2")
+    assert "+iterative" in it and "+neighbors" in nb and "+" not in plain.split(",")[1]
+    dirs = [project_dir / "ledger" / o.split()[1].split("/")[1].rstrip(":") for o in (plain, it, nb)]
+    hps = [read_batch(d).hparams for d in dirs]
+    assert "iterative" not in hps[0] and hps[1]["iterative"] is True and hps[2]["neighbors"] == 2
+    assert len({d.name.split("-")[1] for d in dirs}) == 3  # different content hashes
+    assert "neighbors must be an integer in 0..10" in invoke("add", "--requests", "req.json", "--neighbors", "-1",
+                                                             code=2)
+    assert "unknown method 'jeep-turbo'" in invoke("add", "--requests", "req.json", "--method", "jeep-turbo", code=2)
+    assert len(scan(project_dir / "ledger")) == 3

@@ -256,8 +256,8 @@ def test_every_method_has_a_bundled_section():
 
 
 def test_load_hparams_errors(tmp_path):
-    with pytest.raises(HParamsError, match="no section for method 'jeep'"):
-        load_hparams("smollm2-135m-instruct", "jeep")
+    with pytest.raises(HParamsError, match="no section for method 'rome'"):
+        load_hparams("smollm2-135m-instruct", "rome")
     with pytest.raises(HParamsError, match="no bundled hyper-parameters named 'gpt-9'"):
         load_hparams("gpt-9", "pmet")
     with pytest.raises(HParamsError, match="does not exist"):

@@ -21,7 +21,7 @@ from pipeline.editing.context import context_prefixes
 from pipeline.editing.covariance import Corpus, second_moments
 from pipeline.editing.hparams import HParams, HParamsError
 from pipeline.editing.keys import request_keys, site_values
-from pipeline.editing.methods import SITE_ROLES, Method, get_method
+from pipeline.editing.methods import REGIONS, SITE_ROLES, Method, get_method, site_position, site_region
 from pipeline.editing.precision import working_copy
 from pipeline.editing.requests import EditRequest, parse_requests, validate_batch
 from pipeline.editing.spread import closed_form_update, spread_divisor
@@ -43,9 +43,15 @@ class EditResult:
     layers: list[dict]  # one row per written (layer, role): norms of keys, residual and update
     prefixes: list[str]
     covariance_ids: dict[str, str]  # "role@layer" → covariance cache key id
-    steps: list[int]  # optimisation steps per request
+    steps: list[int]  # optimisation steps per request (summed over passes and iterations)
     timings: dict[str, float] = field(default_factory=dict)
     applied: bool = False
+    # iterative editing: one row per iteration (target perplexities and |Δp|, see iterate.py)
+    iterations: list[dict] = field(default_factory=list)
+    # neighbour-assisted editing: per request, the indices into its record's neighborhood_prompts
+    # used in the value loss; evaluation leaves them out of that request's specificity
+    editing_neighbors: list[list[int]] | None = None
+    values: list = field(default_factory=list, repr=False)  # ValueResult of every pass, in order
 
 
 def default_corpus() -> Path:
@@ -76,8 +82,17 @@ def _as_hparams(hparams) -> HParams:
 def validate_inputs(model, tok, requests: list[EditRequest], method: Method, hp: HParams) -> None:
     """Everything checkable before any model work: layers, tokenisation of every prompt/target."""
     adapter = adapter_for(model)
-    for layer in hp.layers:
+    for layer in hp.layers + hp.high_layers:
         adapter.check_layer(model, layer)
+    if method.two_region:
+        if not hp.high_layers:
+            raise HParamsError(f"method {method.name} needs high_layers (JEEP's high region)")
+        if hp.high_clamp_norm_factor >= hp.clamp_norm_factor and method.region_sites("low"):
+            raise HParamsError(f"method {method.name}: JEEP clamps need γ' > γ* (clamp_norm_factor "
+                               f"{hp.clamp_norm_factor} ≤ high_clamp_norm_factor {hp.high_clamp_norm_factor})")
+    from pipeline.editing.neighbors import check_neighbor_requests
+
+    check_neighbor_requests(requests, hp.neighbors)
     for r in requests:
         encode_with_subject(tok, r.prompt, r.subject)
         target_ids(tok, r.target_new)
@@ -111,7 +126,7 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
         corpus = corpus if isinstance(corpus, Corpus) else Corpus.from_file(corpus or default_corpus())
         cache = Path(cache_dir) if cache_dir is not None else cache_home() / "covariance"
         fp = fingerprint or model_fingerprint(model)
-        targets = [(role, layer) for layer in hp.layers for role, _ in spec.writes]
+        targets = written_projections(spec, hp)
         covs, cov_ids = second_moments(model, tokenizer, adapter, fp, corpus, targets, hp.cov_max_length,
                                        hp.cov_max_texts, hp.cov_batch_tokens, hp.cov_dtype, cache, progress)
         timings["covariance_s"] = time.perf_counter() - t0
@@ -120,79 +135,122 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
         prefixes = context_prefixes(model, tokenizer, hp)
         timings["prefixes_s"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        values = compute_targets(model, tokenizer, adapter, reqs, prefixes, spec, hp, engine, progress)
-        timings["values_s"] = time.perf_counter() - t0
+        from pipeline.editing.iterate import run_edit
+        from pipeline.editing.neighbors import select_neighbors
 
         t0 = time.perf_counter()
-        deltas, layer_rows = spread_targets(model, tokenizer, adapter, reqs, prefixes, spec, hp, values, covs, apply)
-        timings["spread_s"] = time.perf_counter() - t0
+        chosen = select_neighbors(model, tokenizer, reqs, hp.neighbors) if hp.neighbors else None
+        timings["neighbors_s"] = time.perf_counter() - t0
+        if not spec.joint or hp.iterative:  # optimisation and spread interleave: one driver for both
+            run = run_edit(model, tokenizer, adapter, reqs, prefixes, spec, hp, covs, apply=apply, engine=engine,
+                           neighbors=chosen, timings=timings)
+            values_all, layer_rows, deltas, iterations = run.values, run.layers, run.deltas, run.iterations
+        else:
+            t0 = time.perf_counter()
+            values = compute_targets(model, tokenizer, adapter, reqs, prefixes, spec, hp, engine,
+                                     neighbors=chosen.prompts if chosen else None, progress=progress)
+            timings["values_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            deltas, layer_rows = spread_targets(model, tokenizer, adapter, reqs, prefixes, spec, hp, values, covs, apply)
+            timings["spread_s"] = time.perf_counter() - t0
+            values_all, iterations = [values], []
     finally:
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
         model.train(was_training)
+    traces = values_all[0].trace if len(values_all) == 1 else [row for v in values_all for row in v.trace]
     return EditResult(
-        method=spec.name, hparams=hp, deltas=deltas, traces=values.trace, layers=layer_rows, prefixes=prefixes,
+        method=spec.name, hparams=hp, deltas=deltas, traces=traces, layers=layer_rows, prefixes=prefixes,
         covariance_ids={f"{role}@{layer}": cov_ids[(role, layer)] for role, layer in targets},
-        steps=values.steps.tolist(), timings=timings, applied=apply,
+        steps=sum(v.steps for v in values_all).tolist(), timings=timings, applied=apply, iterations=iterations,
+        editing_neighbors=chosen.indices if chosen else None, values=values_all,
     )
 
 
+def written_projections(spec: Method, hp: HParams) -> list[tuple[str, int]]:
+    """Every (role, layer) a method writes: the low region over ``layers``, the high over ``high_layers``."""
+    return [(role, layer) for region in REGIONS for layer in region_layers(hp, region)
+            for role, _ in spec.region_writes(region)]
+
+
+def region_layers(hp: HParams, region: str) -> tuple[int, ...]:
+    return hp.layers if region == "low" else hp.high_layers
+
+
+def site_dims(model, adapter, spec_sites, hp: HParams) -> dict[str, int]:
+    """Width of each site's vector (residual sites: the hidden size; others: the projection's output)."""
+    out = {}
+    for s in spec_sites:
+        layer = region_layers(hp, site_region(s))[-1]
+        out[s] = model.config.get_text_config().hidden_size if SITE_ROLES[s] == "block" else \
+            adapter.in_out_dims(model, SITE_ROLES[s], layer)[1]
+    return out
+
+
 def compute_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, engine: str = "fast",
+                    sites: tuple[str, ...] | None = None, neighbors: list | None = None,
                     progress: bool = False) -> ValueResult:
-    """Phase 1: the target value of every request at every site of the last critical layer."""
+    """Phase 1: the target value of every request at every site (``sites``: a subset, for
+    separate optimisation); ``neighbors[i]``: request i's (template, subject, true object) prompts."""
+    sites = tuple(sites or spec.sites)
     layer = hp.layers[-1]
-    dims = {s: adapter.in_out_dims(model, SITE_ROLES[s], layer)[1] if s != "residual" else model.config.hidden_size
-            for s in spec.sites}
+    high = hp.high_layers[-1] if hp.high_layers else None
+    dims = site_dims(model, adapter, sites, hp)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    build = lambda rs, nbs: ValueProblem.build(tok, rs, prefixes, nbs, hp.neighbor_prefixes)  # noqa: E731
     work = working_copy(model, hp.v_dtype)
     if engine == "fast":
-        problem = ValueProblem.build(tok, reqs, prefixes)
-        result = optimise_values(PrefixCachedForward(work, adapter, problem, layer, spec.sites, pad), spec.sites, dims, hp,
+        problem = build(reqs, neighbors)
+        result = optimise_values(PrefixCachedForward(work, adapter, problem, layer, sites, pad, high), sites, dims, hp,
                                  progress)
     else:
         parts = []
-        for r in tqdm(reqs, desc="values (per request)", unit="request", disable=not progress):  # the reference loop
-            problem = ValueProblem.build(tok, [r], prefixes)
-            parts.append(optimise_values(FullForward(work, adapter, problem, layer, spec.sites, pad), spec.sites, dims, hp))
+        for i, r in enumerate(tqdm(reqs, desc="values (per request)", unit="request", disable=not progress)):
+            problem = build([r], [neighbors[i]] if neighbors else None)  # the reference code's per-request loop
+            parts.append(optimise_values(FullForward(work, adapter, problem, layer, sites, pad, high), sites, dims, hp))
         trace = [{**row, "request": i} for i, part in enumerate(parts) for row in part.trace]
-        cat = lambda attr: {s: torch.cat([getattr(p, attr)[s] for p in parts]) for s in spec.sites}  # noqa: E731
+        cat = lambda attr: {s: torch.cat([getattr(p, attr)[s] for p in parts]) for s in sites}  # noqa: E731
         result = ValueResult(cat("targets"), cat("init"), cat("deltas"), torch.cat([p.steps for p in parts]), trace)
     if work is not model:
         # δ was found on a cast copy; the target is the model's own value plus δ, so the spread
         # does not also write the cast's rounding error into the weights
         with torch.no_grad():
-            init = {s: site_values(model, tok, adapter, reqs, s, layer).to(result.deltas[s].dtype) for s in spec.sites}
-        result = ValueResult({s: init[s] + result.deltas[s] for s in spec.sites}, init, result.deltas, result.steps,
+            init = {s: site_values(model, tok, adapter, reqs, s, region_layers(hp, site_region(s))[-1]).to(result.deltas[s].dtype)
+                    for s in sites}
+        result = ValueResult({s: init[s] + result.deltas[s] for s in sites}, init, result.deltas, result.steps,
                              result.trace)
     return result
 
 
 @torch.no_grad()
 def spread_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, values: ValueResult,
-                   covs: dict, apply: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Phase 2: write each critical layer, lowest first, recomputing keys and current values with
-    the current weights; returns the deltas (``W_base + Δ`` bit-exact) and per-layer norms."""
-    last = hp.layers[-1]
-    written = {adapter.parameter_name(role, layer): (role, layer) for layer in hp.layers for role, _ in spec.writes}
+                   covs: dict, apply: bool, regions: tuple[str, ...] = REGIONS) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Phase 2: write each critical layer, lowest first (the low region, then JEEP's high region),
+    recomputing keys and current values with the current weights; returns the deltas
+    (``W_base + Δ`` bit-exact) and per-layer norms."""
+    plan = [(region, i, layer, role, site) for region in regions for i, layer in enumerate(region_layers(hp, region))
+            for role, site in spec.region_writes(region)]
+    written = {adapter.parameter_name(role, layer): (role, layer) for _, _, layer, role, _ in plan}
     originals = {name: adapter.module(model, role, layer).weight.detach().clone() for name, (role, layer) in written.items()}
     rows = []
     try:
-        for i, layer in enumerate(hp.layers):
-            remaining = len(hp.layers) - i
-            for role, site in spec.writes:
-                keys = request_keys(model, tok, adapter, reqs, prefixes, role, layer)
-                current = site_values(model, tok, adapter, reqs, site, last)
-                resid = (values.targets[site] - current) / spread_divisor(spec.spread, remaining)
-                upd = closed_form_update(keys, resid, covs[(role, layer)], hp.mom2_update_weight)
-                if not torch.isfinite(upd).all():
-                    raise FloatingPointError(f"non-finite update at layer {layer} ({role}); check λ and the covariance")
-                w = adapter.weight(model, role, layer)
-                w.add_(upd.to(w.dtype))
-                rows.append({"layer": layer, "role": role, "site": site, "divisor": spread_divisor(spec.spread, remaining),
-                             "key_norm": float(keys.norm(dim=-1).mean()), "resid_norm": float(resid.norm(dim=-1).mean()),
-                             "target_gap_norm": float((values.targets[site] - current).norm(dim=-1).mean()),
-                             "update_norm": float(upd.norm())})
+        for region, i, layer, role, site in plan:
+            layers = region_layers(hp, region)
+            remaining, last, position = len(layers) - i, layers[-1], site_position(site)
+            divisor = spread_divisor(spec.region_spread(region), remaining)
+            lam = hp.high_mom2_update_weight if region == "high" and hp.high_mom2_update_weight else hp.mom2_update_weight
+            keys = request_keys(model, tok, adapter, reqs, prefixes, role, layer, position)
+            current = site_values(model, tok, adapter, reqs, site, last)
+            resid = (values.targets[site] - current) / divisor
+            upd = closed_form_update(keys, resid, covs[(role, layer)], lam)
+            if not torch.isfinite(upd).all():
+                raise FloatingPointError(f"non-finite update at layer {layer} ({role}); check λ and the covariance")
+            w = adapter.weight(model, role, layer)
+            w.add_(upd.to(w.dtype))
+            rows.append({"layer": layer, "role": role, "site": site, "divisor": divisor,
+                         "key_norm": float(keys.norm(dim=-1).mean()), "resid_norm": float(resid.norm(dim=-1).mean()),
+                         "target_gap_norm": float((values.targets[site] - current).norm(dim=-1).mean()),
+                         "update_norm": float(upd.norm()), **({"region": region} if spec.two_region else {})})
         deltas = {}
         for name, (role, layer) in written.items():
             param = adapter.module(model, role, layer).weight

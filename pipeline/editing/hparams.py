@@ -52,6 +52,20 @@ class HParams:
     # model itself, so only the optimisation of δ and the covariance statistics are affected.
     v_dtype: str = "float32"
     cov_dtype: str = "float32"
+    # --- JEEP's high region (probability promotion): layers written from the prediction-token
+    # target, its clamp γ* and weight decay β*, and the λ of its covariance term.  The low region
+    # uses the fields above (layers, clamp_norm_factor = γ', v_weight_decay = β', kl_factor = α').
+    high_layers: tuple[int, ...] = ()
+    high_clamp_norm_factor: float = 0.25
+    high_v_weight_decay: float = 0.5
+    high_mom2_update_weight: float | None = None  # None: mom2_update_weight
+    # --- modifiers (any method): iterative editing and neighbour-assisted editing
+    iterative: bool = False  # repeat optimise + spread on the current weights until |Δp| ≤ ε
+    max_iterations: int = 10
+    iteration_epsilon: float = 1.0  # ε on the target perplexity difference
+    neighbors: int = 0  # neighbour prompts per request in the value loss (0 = off)
+    neighbor_prefixes: bool = False  # NAP: the neighbour prompts get the context prefixes too
+    neighbor_weight: float = 1.0  # weight of the neighbour NLL term
 
     def __post_init__(self):
         self.validate()
@@ -83,10 +97,46 @@ class HParams:
             raise HParamsError(f"cov_max_length must be ≥ 8 tokens, got {self.cov_max_length}")
         if not isinstance(self.cov_max_texts, int) or isinstance(self.cov_max_texts, bool) or self.cov_max_texts < 0:
             raise HParamsError(f"cov_max_texts must be an integer ≥ 0 (0 = all), got {self.cov_max_texts!r}")
-
         for name in ("v_dtype", "cov_dtype"):
             if getattr(self, name) not in COMPUTE_DTYPES:
                 raise HParamsError(f"{name} must be one of {', '.join(COMPUTE_DTYPES)}, got {getattr(self, name)!r}")
+        self._validate_extensions()
+
+    def _validate_extensions(self) -> None:
+        """JEEP's high region and the iterative / neighbour-assisted modifiers."""
+        high = self.high_layers
+        if not isinstance(high, tuple) or not all(isinstance(x, int) and not isinstance(x, bool) for x in high):
+            raise HParamsError(f"high_layers must be a list of integers, got {high!r}")
+        if list(high) != sorted(set(high)) or (high and min(high) < 0):
+            raise HParamsError(f"high_layers must be strictly increasing layer indices ≥ 0, got {list(high)}")
+        if high and min(high) <= max(self.layers):
+            raise HParamsError(f"high_layers {list(high)} must lie above the low region's layers {list(self.layers)}")
+        for name in ("high_clamp_norm_factor", "iteration_epsilon", "neighbor_weight"):
+            v = getattr(self, name)
+            if not _finite(v) or v <= 0:
+                raise HParamsError(f"{name} must be a finite number > 0, got {v!r}")
+        if not _finite(self.high_v_weight_decay) or self.high_v_weight_decay < 0:
+            raise HParamsError(f"high_v_weight_decay must be a finite number ≥ 0, got {self.high_v_weight_decay!r}")
+        if self.high_mom2_update_weight is not None and (not _finite(self.high_mom2_update_weight)
+                                                         or self.high_mom2_update_weight <= 0):
+            raise HParamsError(f"high_mom2_update_weight must be > 0 or null, got {self.high_mom2_update_weight!r}")
+        for name in ("iterative", "neighbor_prefixes"):
+            if not isinstance(getattr(self, name), bool):
+                raise HParamsError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.max_iterations, int) or isinstance(self.max_iterations, bool) or not 1 <= self.max_iterations <= 100:
+            raise HParamsError(f"max_iterations must be an integer in 1..100, got {self.max_iterations!r}")
+        if not isinstance(self.neighbors, int) or isinstance(self.neighbors, bool) or not 0 <= self.neighbors <= 10:
+            raise HParamsError(f"neighbors must be an integer in 0..10 (CounterFact has 10 per record), got {self.neighbors!r}")
+
+    @property
+    def modifiers(self) -> dict[str, Any]:
+        """The switched-on modifiers, for display (they are ordinary, hashed hyper-parameters)."""
+        out: dict[str, Any] = {}
+        if self.iterative:
+            out["iterative"] = {"max_iterations": self.max_iterations, "epsilon": self.iteration_epsilon}
+        if self.neighbors:
+            out["neighbors"] = {"n": self.neighbors, "prefixes": self.neighbor_prefixes, "weight": self.neighbor_weight}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HParams:
@@ -97,7 +147,7 @@ class HParams:
         if "layers" not in data:
             raise HParamsError("hyper-parameters need 'layers'")
         data = dict(data)
-        for key in ("layers", "context_starters"):
+        for key in ("layers", "context_starters", "high_layers"):
             if key in data and isinstance(data[key], list):
                 data[key] = tuple(data[key])
         try:
@@ -106,13 +156,24 @@ class HParams:
             raise HParamsError(str(exc)) from exc
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain dict; the extension fields are left out while at their defaults, so batches of
+        methods and settings that existed before them keep their content hashes (and directory
+        names).  Any switched-on modifier or JEEP setting is present, hence hashed."""
         d = asdict(self)
         d["layers"] = list(self.layers)
         d["context_starters"] = list(self.context_starters)
+        d["high_layers"] = list(self.high_layers)
+        for f in fields(self):
+            if f.name in _EXTENSIONS and d[f.name] == (list(f.default) if isinstance(f.default, tuple) else f.default):
+                del d[f.name]
         return d
 
     def replace(self, **changes) -> HParams:
         return HParams.from_dict({**self.to_dict(), **changes})
+
+
+_EXTENSIONS = ("high_layers", "high_clamp_norm_factor", "high_v_weight_decay", "high_mom2_update_weight", "iterative",
+               "max_iterations", "iteration_epsilon", "neighbors", "neighbor_prefixes", "neighbor_weight")
 
 
 def _finite(v) -> bool:

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 
 from pipeline.editing.hooks import add_at, edit_output, hooks
 from pipeline.editing.hparams import HParams
-from pipeline.editing.methods import SITE_ROLES
+from pipeline.editing.methods import SITE_ROLES, site_position
 from pipeline.editing.precision import master_dtype
 from pipeline.editing.requests import EditRequest
 from pipeline.editing.tokens import Encoded, encode_with_subject, pad_right, target_ids
@@ -57,9 +57,16 @@ class ValueProblem:
     tgt_pos: torch.Tensor  # [T] position whose logits predict it
     tgt_tok: torch.Tensor  # [T] the target token id
     tgt_count: torch.Tensor  # [S] target tokens per sequence (0 for KL sequences)
+    # [S] position of the prediction token (last prompt token; -1 for KL sequences) and whether a
+    # sequence is a neighbour prompt (neighbour-assisted editing: its target is the true object)
+    pred_pos: torch.Tensor | None = None
+    neighbor: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, tok, requests: list[EditRequest], prefixes: list[str]) -> ValueProblem:
+    def build(cls, tok, requests: list[EditRequest], prefixes: list[str],
+              neighbors: list[list[tuple[str, str, str]]] | None = None, neighbor_prefixes: bool = False) -> ValueProblem:
+        """``neighbors[i]``: (template, subject, true object) of request i's neighbour prompts;
+        they follow the KL prompts, without context prefixes unless ``neighbor_prefixes`` (NAP)."""
         encoded, seq_request, first, kl = [], [], [], []
         tgt_seq, tgt_pos, tgt_tok, counts = [], [], [], []
         for i, r in enumerate(requests):
@@ -81,8 +88,28 @@ class ValueProblem:
             encoded.append(encode_with_subject(tok, KL_TEMPLATE, r.subject))
             seq_request.append(i)
             counts.append(0)
+        n_plain = len(encoded)
+        for i, nbs in enumerate(neighbors or []):
+            for template, subject, answer in nbs:
+                tgt = target_ids(tok, answer)
+                for prefix in (prefixes if neighbor_prefixes else [""]):
+                    e = encode_with_subject(tok, prefix + template, subject)
+                    s = len(encoded)
+                    encoded.append(Encoded(e.ids + tgt[:-1], e.subject_last))
+                    seq_request.append(i)
+                    counts.append(len(tgt))
+                    for k, tid in enumerate(tgt):
+                        tgt_seq.append(s)
+                        tgt_pos.append(len(e.ids) - 1 + k)
+                        tgt_tok.append(tid)
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        return cls(len(requests), encoded, t(seq_request), t(first), t(kl), t(tgt_seq), t(tgt_pos), t(tgt_tok), t(counts))
+        pred = [-1] * len(encoded)
+        for s, pos in zip(reversed(tgt_seq), reversed(tgt_pos)):
+            pred[s] = pos  # the first target token is predicted at the last prompt token
+        nb = torch.zeros(len(encoded), dtype=torch.bool)
+        nb[n_plain:] = True
+        return cls(len(requests), encoded, t(seq_request), t(first), t(kl), t(tgt_seq), t(tgt_pos), t(tgt_tok), t(counts),
+                   t(pred), nb)
 
 
 @dataclass
@@ -95,10 +122,18 @@ class StepOutput:
 class _Forward:
     """Shared plumbing: which sequences/targets belong to the active requests."""
 
-    def __init__(self, model, adapter: Adapter, problem: ValueProblem, layer: int, sites: tuple[str, ...], pad_id: int):
+    def __init__(self, model, adapter: Adapter, problem: ValueProblem, layer: int, sites: tuple[str, ...], pad_id: int,
+                 high_layer: int | None = None):
         self.model, self.adapter, self.p, self.layer, self.sites, self.pad_id = model, adapter, problem, layer, sites, pad_id
         self.device = next(model.parameters()).device
         self.backbone = adapter.module(model, "backbone")
+        # prediction-token sites (JEEP's high region) sit at the last layer of the high region
+        self.site_layer = {s: high_layer if site_position(s) == "prediction" else layer for s in sites}
+        if any(v is None for v in self.site_layer.values()):
+            raise ValueError("prediction-token sites need high_layer")
+        subj = torch.tensor([e.subject_last for e in problem.encoded])
+        pred = problem.pred_pos if problem.pred_pos is not None else torch.full_like(subj, -1)
+        self._pred_offset = torch.where(pred >= 0, pred - subj, torch.full_like(subj, -1))
 
     def select(self, active: torch.Tensor):
         """Sequence indices, target mask and request→row map for the active requests."""
@@ -108,14 +143,22 @@ class _Forward:
         return seqs, tgt_mask
 
     def _hook_regs(self, deltas: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor,
-                   seq_req_row: torch.Tensor, first_rows: torch.Tensor, init: dict):
+                   seq_req_row: torch.Tensor, first_rows: torch.Tensor, init: dict, seqs: torch.Tensor | None = None):
+        """Hooks adding each site's δ at its token: subject sites at ``cols`` (the subject's last
+        token) of every sequence, prediction sites at the last prompt token of every sequence with
+        a target (not the KL prompts: their KL is read at the subject's last token)."""
         regs = []
         for site in self.sites:
-            module = self.adapter.module(self.model, SITE_ROLES[site], self.layer)
+            module = self.adapter.module(self.model, SITE_ROLES[site], self.site_layer[site])
+            r, c, q, fc = rows, cols, seq_req_row, cols[first_rows]
+            if site_position(site) == "prediction":
+                off = self._pred_offset[seqs].to(cols.device)
+                keep = off >= 0
+                r, c, q, fc = rows[keep], (cols + off)[keep], seq_req_row[keep], (cols + off)[first_rows]
 
-            def fn(h, site=site):
-                init[site] = h[first_rows, cols[first_rows]].detach()
-                return add_at(rows, cols, deltas[site][seq_req_row])(h)
+            def fn(h, site=site, r=r, c=c, q=q, fc=fc):
+                init[site] = h[first_rows, fc].detach()
+                return add_at(r, c, deltas[site][q])(h)
 
             regs.append(edit_output(module, fn))
         return regs
@@ -135,7 +178,7 @@ class FullForward(_Forward):
         cols = torch.tensor([p.encoded[s].subject_last for s in seqs.tolist()])
         first_rows = local[p.first_rewrite[active]]
         init: dict = {}
-        regs = self._hook_regs(deltas, rows.to(self.device), cols.to(self.device), req_row[p.seq_request[seqs]].to(self.device), first_rows.to(self.device), init)
+        regs = self._hook_regs(deltas, rows.to(self.device), cols.to(self.device), req_row[p.seq_request[seqs]].to(self.device), first_rows.to(self.device), init, seqs)
         with hooks(regs):
             hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).last_hidden_state
         logits = self.adapter.logits(self.model, hidden)
@@ -211,7 +254,8 @@ class PrefixCachedForward(_Forward):
             rows = torch.arange(len(seqs_b), device=self.device)
             cols = torch.zeros(len(seqs_b), dtype=torch.long, device=self.device)
             head: dict = {}  # each site's value at every row's first suffix token (the subject's last)
-            regs = self._hook_regs(deltas, rows, cols, req_row[p.seq_request[seqs_b]].to(self.device), rows, head)
+            regs = self._hook_regs(deltas, rows, cols, req_row[p.seq_request[seqs_b]].to(self.device), rows, head,
+                                   seqs_b)
             with hooks(regs):
                 hidden_b = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                          position_ids=pos.to(self.device), past_key_values=cache,
@@ -277,21 +321,39 @@ def _request_losses(forward: _Forward, out: StepOutput, part: torch.Tensor, delt
     seq_of_tok = p.tgt_seq[tgt_mask].to(device)
     per_seq = torch.zeros(len(p.encoded), device=device).index_add_(0, seq_of_tok, tok_lp)
     per_seq = per_seq / p.tgt_count.to(device).clamp(min=1).float()
-    rewrite = (p.tgt_count > 0).to(device)
+    neighbor = p.neighbor.to(device) if p.neighbor is not None else torch.zeros(len(p.encoded), dtype=torch.bool, device=device)
+    rewrite = (p.tgt_count > 0).to(device) & ~neighbor
     req_of_seq = p.seq_request.to(device)
     total = torch.zeros(N, device=device).index_add_(0, req_of_seq[rewrite], per_seq[rewrite])
     n_prompts = torch.zeros(N, device=device).index_add_(0, req_of_seq[rewrite], torch.ones(int(rewrite.sum()), device=device))
     nll = -(total / n_prompts)[rows]
     # argmax: is o* the top token at every answer position of every rewriting prompt?
     is_top = (logp.argmax(-1) == tgt_tok).float()
-    misses = torch.zeros(N, device=device).index_add_(0, req_of_seq[seq_of_tok], 1 - is_top)[rows]
+    own = (~neighbor[seq_of_tok]).float()  # neighbour answers do not count
+    misses = torch.zeros(N, device=device).index_add_(0, req_of_seq[seq_of_tok], (1 - is_top) * own)[rows]
+    # neighbour-assisted editing: mean NLL of the true object over the request's neighbour prompts
+    nb_total = torch.zeros(N, device=device).index_add_(0, req_of_seq[neighbor], per_seq[neighbor])
+    nb_count = torch.zeros(N, device=device).index_add_(0, req_of_seq[neighbor], torch.ones(int(neighbor.sum()), device=device))
+    nb_nll = -(nb_total / nb_count.clamp(min=1))[rows]
     # KL(P_δ ‖ P_0) at the subject-last token of "{s} is a"
     cur = F.log_softmax(out.kl_logits.float(), -1)
     kl = (cur.exp() * (cur - init_kl[rows])).sum(-1)
     # weight decay relative to each site's own norm
     wd = sum(delta[s][rows].norm(dim=-1) / init[s][rows].norm(dim=-1) ** 2 for s in delta)
     loss = nll_w[rows] * nll + hp.kl_factor * kl + hp.v_weight_decay * wd
-    return loss, nll, kl, wd, misses
+    if any(site_position(s) == "prediction" for s in delta):  # JEEP: β' and β* per region
+        loss = nll_w[rows] * nll + hp.kl_factor * kl + sum(
+            site_coefficients(hp, s)[1] * delta[s][rows].norm(dim=-1) / init[s][rows].norm(dim=-1) ** 2 for s in delta)
+    if p.neighbor is not None and bool(p.neighbor.any()):
+        loss = loss + hp.neighbor_weight * nb_nll
+    return loss, nll, kl, wd, misses, nb_nll
+
+
+def site_coefficients(hp: HParams, site: str) -> tuple[float, float]:
+    """(clamp factor γ, weight-decay coefficient β) of a site: JEEP's γ*, β* at the prediction token."""
+    if site_position(site) == "prediction":
+        return hp.high_clamp_norm_factor, hp.high_v_weight_decay
+    return hp.clamp_norm_factor, hp.v_weight_decay
 
 
 def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, int], hp: HParams,
@@ -331,15 +393,16 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
                 if init_kl is None:
                     init_kl = torch.zeros(N, kl0.shape[-1], device=device)
                 init_kl[part.to(device)] = kl0
-            loss, nll, kl, wd, misses = _request_losses(forward, out, part, delta, init, init_kl, nll_w, hp)
+            loss, nll, kl, wd, misses, nb_nll = _request_losses(forward, out, part, delta, init, init_kl, nll_w, hp)
             if not torch.isfinite(loss).all():
                 bad = part[~torch.isfinite(loss).cpu()].tolist()
                 raise OptimisationError(f"non-finite loss at step {it} for request(s) {bad}; lower v_lr or check the model")
-            rec = torch.stack([loss, nll, kl, wd, nll_w[part.to(device)], misses]).detach().cpu().tolist()
+            rec = torch.stack([loss, nll, kl, wd, nll_w[part.to(device)], misses, nb_nll]).detach().cpu().tolist()
             norms = {s: delta[s][part.to(device)].detach().norm(dim=-1).cpu().tolist() for s in sites}
             for k, r in enumerate(part.tolist()):
                 trace.append({"request": r, "step": it, "loss": rec[0][k], "nll": rec[1][k], "kl": rec[2][k],
                               "weight_decay": rec[3][k], "nll_weight": rec[4][k], "argmax": rec[5][k] == 0,
+                              **({"neighbor_nll": rec[6][k]} if p.neighbor is not None and bool(p.neighbor.any()) else {}),
                               **{f"norm_{s}": norms[s][k] for s in sites}})
             # stopping rules, decided before the step (as the reference code does)
             stop = (loss < hp.loss_stop).cpu()
@@ -360,7 +423,7 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
             for s in sites:
                 d = delta[s]
                 d[~active.to(device)] = frozen[s]
-                max_norm = hp.clamp_norm_factor * init[s].norm(dim=-1)
+                max_norm = site_coefficients(hp, s)[0] * init[s].norm(dim=-1)
                 norms = d.norm(dim=-1)
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
                 d.mul_(scale[:, None])

@@ -6,6 +6,10 @@ P being the mean-token teacher-forced probability.  Also magnitudes (P[new] − 
 P[true] − P[new]), argmax accuracy, and the score = harmonic mean of the three success rates.
 zsRE: teacher-forced top-1 token accuracy of the new answer on the question and its rephrase,
 and of the recorded answer on the unrelated NQ question.
+
+Neighbour-assisted editing trains on some neighbourhood prompts of a request; those are not a
+fair test of its specificity, so ``editing_neighbors[i]`` (indices into request i's
+``neighborhood_prompts``, from ``EditResult.editing_neighbors``) are left out of it.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ def _harmonic(values: list[float]) -> float:
     return 0.0 if min(values) <= 0 else statistics.harmonic_mean(values)
 
 
-def counterfact_rows(req: EditRequest, index: int) -> list[dict]:
+def counterfact_rows(req: EditRequest, index: int, exclude_neighbors: list[int] | tuple = ()) -> list[dict]:
     rec = req.record
     rows = [{"request": index, "case_id": req.case_id, "kind": "rewrite", "prompt": req.text}]
     rows += [{"request": index, "case_id": req.case_id, "kind": "paraphrase", "prompt": p} for p in rec.get("paraphrase_prompts", [])]
-    rows += [{"request": index, "case_id": req.case_id, "kind": "neighborhood", "prompt": p} for p in rec.get("neighborhood_prompts", [])]
+    rows += [{"request": index, "case_id": req.case_id, "kind": "neighborhood", "prompt": p}
+             for j, p in enumerate(rec.get("neighborhood_prompts", [])) if j not in set(exclude_neighbors)]
     for r in rows:
         r["target_new"], r["target_true"] = req.target_new, req.target_true
     return rows
@@ -42,8 +47,11 @@ def zsre_rows(req: EditRequest, index: int) -> list[dict]:
     return rows
 
 
-def evaluate_counterfact(model, tok, requests: list[EditRequest]) -> tuple[dict, pd.DataFrame]:
-    rows = [row for i, r in enumerate(requests) for row in counterfact_rows(r, i)]
+def evaluate_counterfact(model, tok, requests: list[EditRequest],
+                         editing_neighbors: list[list[int]] | None = None) -> tuple[dict, pd.DataFrame]:
+    _check_exclusions(requests, editing_neighbors)
+    rows = [row for i, r in enumerate(requests)
+            for row in counterfact_rows(r, i, editing_neighbors[i] if editing_neighbors else ())]
     if any(r["target_true"] is None for r in rows):
         raise ValueError("CounterFact evaluation needs target_true on every request")
     new = score_pairs(model, tok, [(r["prompt"], r["target_new"]) for r in rows])
@@ -81,11 +89,26 @@ def evaluate_zsre(model, tok, requests: list[EditRequest]) -> tuple[dict, pd.Dat
     return metrics, df
 
 
-def evaluate(model, tok, requests: list[EditRequest]) -> tuple[dict, pd.DataFrame]:
-    """Dispatch on the requests' format (all of one batch must share it)."""
+def _check_exclusions(requests: list[EditRequest], editing_neighbors: list[list[int]] | None) -> None:
+    if editing_neighbors is None:
+        return
+    if len(editing_neighbors) != len(requests):
+        raise ValueError(f"editing_neighbors has {len(editing_neighbors)} entries for {len(requests)} requests")
+    for i, (r, idx) in enumerate(zip(requests, editing_neighbors)):
+        n = len(r.record.get("neighborhood_prompts", []))
+        if any(not isinstance(j, int) or not 0 <= j < n for j in idx):
+            raise ValueError(f"editing_neighbors[{i}] = {idx} is out of range for {n} neighbourhood prompts")
+
+
+def evaluate(model, tok, requests: list[EditRequest],
+             editing_neighbors: list[list[int]] | None = None) -> tuple[dict, pd.DataFrame]:
+    """Dispatch on the requests' format (all of one batch must share it); ``editing_neighbors``
+    (CounterFact only) leaves the neighbour prompts used for editing out of specificity."""
     fmts = {r.fmt for r in requests}
     if fmts == {"counterfact"} or fmts == {"plain"} and all(r.target_true for r in requests):
-        return evaluate_counterfact(model, tok, requests)
+        return evaluate_counterfact(model, tok, requests, editing_neighbors)
+    if editing_neighbors is not None:
+        raise ValueError("editing_neighbors applies to CounterFact requests only")
     if fmts == {"zsre"}:
         return evaluate_zsre(model, tok, requests)
     raise ValueError(f"cannot evaluate a batch mixing formats {sorted(fmts)}")

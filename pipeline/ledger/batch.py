@@ -223,16 +223,30 @@ def dvc_stages(batch: Batch) -> dict:
         deps = [*upstream, BATCH_FILE] + ([] if batch.kind == "revert" else [model])
         return {"stages": {"apply": {"cmd": "editledger stage apply --batch .", "deps": deps,
                                      "outs": [ENTRY_FILE, STATE_FILE]}}}
+    # iterative editing and separate optimisation run spreads inside keys_values: it reads the covariances
+    kv_deps = [*upstream, model, BATCH_FILE, REQUESTS_FILE] + ([COVARIANCE_DIR] if _interleaved(batch) else [])
     return {"stages": {
-        "keys_values": {"cmd": "editledger stage keys-values --batch .",
-                        "deps": [*upstream, model, BATCH_FILE, REQUESTS_FILE], "outs": [KV_FILE, TRACE_FILE]},
+        "keys_values": {"cmd": "editledger stage keys-values --batch .", "deps": kv_deps, "outs": [KV_FILE, TRACE_FILE]},
         "apply": {"cmd": "editledger stage apply --batch .",
                   "deps": [*upstream, model, BATCH_FILE, REQUESTS_FILE, KV_FILE, "../../data/covariance"],
                   "outs": [ENTRY_FILE, DELTAS_FILE, STATE_FILE]},
         "evaluate": {"cmd": "editledger stage evaluate --batch .",
-                     "deps": [STATE_FILE, model, REQUESTS_FILE], "outs": [EVAL_FILE],
+                     # neighbour-assisted batches: evaluate reads which neighbours were used for editing
+                     "deps": [STATE_FILE, model, REQUESTS_FILE] + ([KV_FILE] if (batch.hparams or {}).get("neighbors") else []),
+                     "outs": [EVAL_FILE],
                      "metrics": [{METRICS_FILE: {"cache": False}}]},
     }}
+
+
+def _interleaved(batch: Batch) -> bool:
+    """Does the batch's keys_values stage also spread (iterative editing, separate optimisation)?"""
+    from pipeline.editing.methods import METHODS
+
+    spec = METHODS.get(batch.method)
+    return bool((batch.hparams or {}).get("iterative")) or (spec is not None and not spec.joint)
+
+
+COVARIANCE_DIR = "../../data/covariance"
 
 
 def dvc_yaml(batch: Batch) -> str:

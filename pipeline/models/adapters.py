@@ -30,7 +30,9 @@ class Adapter:
     probes need to know what "before/after the MLP" means.  ``mlp_post_norm`` names the norm that
     Gemma-style blocks apply to the MLP output before it joins the residual stream: the value
     space of an edit is the output of ``mlp_out`` (where the least-squares update is exact), and
-    this role lets probes find what actually enters the residual.
+    this role lets probes find what actually enters the residual.  ``attn_resid`` is the same for
+    attention: the module whose output is the attention's contribution to the residual stream
+    (the output projection, or Gemma's post-attention norm after it); ``None`` means ``attn_out``.
     """
 
     family: str
@@ -44,6 +46,7 @@ class Adapter:
     parallel: bool = False
     transposed: bool = False
     mlp_post_norm: str | None = None
+    attn_resid: str | None = None
 
     # ----------------------------------------------------------------- module access
     def path(self, role: str, layer: int | None = None) -> str:
@@ -57,6 +60,8 @@ class Adapter:
         return template
 
     def module(self, model: nn.Module, role: str, layer: int | None = None) -> nn.Module:
+        if role == "attn_resid" and self.attn_resid is None:
+            role = "attn_out"
         return model.get_submodule(self.path(role, layer))
 
     def num_layers(self, model: nn.Module) -> int:
@@ -100,6 +105,8 @@ class Adapter:
             self._require(model, self.path(role, 0))
         if self.mlp_post_norm:
             self._require(model, self.path("mlp_post_norm", 0))
+        if self.attn_resid:
+            self._require(model, self.path("attn_resid", 0))
 
     def _require(self, model: nn.Module, path: str) -> None:
         try:
@@ -113,7 +120,8 @@ def _llama_like(backbone: str = "model", post_norm: bool = False) -> dict:
     layer = f"{backbone}.layers.{{}}"
     return dict(backbone=backbone, blocks=f"{backbone}.layers", block=layer, mlp_out=f"{layer}.mlp.down_proj",
                 attn_out=f"{layer}.self_attn.o_proj", final_norm=f"{backbone}.norm", lm_head="lm_head",
-                mlp_post_norm=f"{layer}.post_feedforward_layernorm" if post_norm else None)
+                mlp_post_norm=f"{layer}.post_feedforward_layernorm" if post_norm else None,
+                attn_resid=f"{layer}.post_attention_layernorm" if post_norm else None)
 
 
 FAMILIES: dict[str, Adapter] = {

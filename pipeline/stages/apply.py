@@ -18,13 +18,14 @@ from pathlib import Path
 
 from pipeline.editing.covariance import cache_keys, entry_path, key_id, second_moments
 from pipeline.editing.engine import spread_targets
+from pipeline.editing.iterate import run_edit
 from pipeline.editing.hparams import HParams
 from pipeline.ledger import commit_drop, commit_edit, commit_revert, read_batch
 from pipeline.ledger.entry import Entry
 from pipeline.ledger.layout import KV_FILE
 from pipeline.models.adapters import adapter_for
 from pipeline.stages.common import Project, StageError, base_model, corpus, needed_covariances, open_edit_batch
-from pipeline.stages.keys_values import read_values
+from pipeline.stages.keys_values import read_passes
 
 
 def cached_covariances(project: Project, lm, targets: list[tuple[str, int]], hp: HParams):
@@ -53,7 +54,8 @@ def apply_edit(batch_dir: Path) -> Entry:
     spec, hp, reqs, lm = eb.spec, eb.hp, eb.requests, eb.lm
     model, tok = lm.model, lm.tokenizer
     timings = {"materialize_s": eb.materialize_s}
-    values, meta = read_values(eb.dir / KV_FILE)
+    passes, meta = read_passes(eb.dir / KV_FILE)
+    values = passes[0]
     if meta["layer"] != hp.layers[-1] or set(meta["sites"]) != set(spec.sites) or len(values.steps) != len(reqs):
         raise StageError(f"{KV_FILE} does not belong to this batch's method/requests; rerun its keys_values stage")
     t0 = time.perf_counter()
@@ -61,13 +63,20 @@ def apply_edit(batch_dir: Path) -> Entry:
     covs, ids = cached_covariances(eb.project, lm, targets, hp)
     timings["covariance_load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    deltas, layers = spread_targets(model, tok, adapter_for(model), reqs, meta["prefixes"], spec, hp, values, covs,
-                                    apply=False)
+    if spec.joint and not hp.iterative:
+        deltas, layers = spread_targets(model, tok, adapter_for(model), reqs, meta["prefixes"], spec, hp, values, covs,
+                                        apply=False)
+    else:  # replay the recorded passes' spreads, in order (iterative editing, separate optimisation)
+        run = run_edit(model, tok, adapter_for(model), reqs, meta["prefixes"], spec, hp, covs, apply=False,
+                       stored=passes)
+        deltas, layers = run.deltas, run.layers
     timings["spread_s"] = time.perf_counter() - t0
     return commit_edit(eb.dir, base_fingerprint=lm.fingerprint, model=model, deltas=deltas,
                        covariance_ids={f"{r}@{layer}": ids[(r, layer)] for r, layer in targets},
                        timings={**meta["timings"], **timings},
-                       metrics={"steps": values.steps.tolist(), "layers": layers})
+                       metrics={"steps": sum(v.steps for v in passes).tolist(), "layers": layers,
+                                **({"iterations": meta["iterations"]} if meta.get("iterations") else {}),
+                                **({"editing_neighbors": meta["editing_neighbors"]} if meta.get("editing_neighbors") else {})})
 
 
 def run(batch_dir: str | Path) -> Entry:

@@ -66,17 +66,23 @@ class Project:
         return load_params(self.params_file if self.params_file.exists() else None)
 
 
-def resolve_hparams(project: Project, cfg: dict, method: str) -> tuple[Method, HParams]:
-    """The method spec and its hyper-parameters as params.yaml configures them."""
+def resolve_hparams(project: Project, cfg: dict, method: str, iterative: bool | None = None,
+                    neighbors: int | None = None) -> tuple[Method, HParams]:
+    """The method spec and its hyper-parameters as params.yaml configures them (with the
+    iterative / neighbour modifiers from the command line, else from params.yaml)."""
+    from pipeline.config import modifier_overrides
+
     spec = get_method(method)
     name = cfg["edit"]["hparams"]
     if Path(name).suffix in (".yaml", ".yml"):
         name = project.path(name)
-    return spec, load_hparams(name, spec.hparams_from, cfg["edit"]["overrides"])
+    return spec, load_hparams(name, spec.hparams_from, modifier_overrides(cfg, iterative, neighbors))
 
 
 def needed_covariances(spec: Method, hp: HParams) -> list[tuple[str, int]]:
-    return [(role, layer) for layer in hp.layers for role, _ in spec.writes]
+    from pipeline.editing.engine import written_projections
+
+    return written_projections(spec, hp)
 
 
 def configured_covariances(cfg: dict) -> list[tuple[str, int]]:

@@ -17,7 +17,9 @@ import pandas as pd
 
 from pipeline.evaluation.protocols import evaluate
 from pipeline.ledger import read_batch, read_requests, write_evaluation
+from pipeline.ledger.layout import KV_FILE
 from pipeline.ledger.replay import materialize
+from pipeline.stages.keys_values import read_passes
 from pipeline.ledger.store import load
 from pipeline.stages.common import Project, StageError, base_model
 
@@ -36,13 +38,16 @@ def run(batch_dir: str | Path) -> dict:
     entry = load(project.ledger, upto=batch_dir.name)[0][-1]
     reqs = read_requests(batch_dir)
     lm = base_model(project)
+    # neighbour-assisted batches: the neighbours used for editing are not specificity tests
+    kv = batch_dir / KV_FILE
+    editing_neighbors = read_passes(kv)[1].get("editing_neighbors") if kv.exists() else None
     results, rows, timings = {}, [], {}
     for phase, upto in (("pre", batch.parent), ("post", batch_dir.name)):
         t0 = time.perf_counter()
         model = copy.deepcopy(lm.model)
         if upto is not None:
             materialize(project.ledger, upto, model, inplace=True)
-        metrics, df = evaluate(model, lm.tokenizer, reqs)
+        metrics, df = evaluate(model, lm.tokenizer, reqs, editing_neighbors)
         results[phase] = _finite(metrics)
         rows.append(df.assign(phase=phase))
         timings[f"{phase}_s"] = time.perf_counter() - t0

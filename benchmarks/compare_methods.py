@@ -1,0 +1,195 @@
+"""The method comparison table: PMET, MEMIT, JEEP, PMET + iterative, PMET + NA and PMET's ablations
+on the same CounterFact dev requests, edited in sequential batches (lifelong), on SmolLM2-135M.
+
+For every variant the base model is edited batch after batch (batch b is computed on the model
+that already holds batches 1..b-1; the covariance is the base model's, as in the ledger), then the
+final model is evaluated on *all* requests (retention): efficacy, generalisation, specificity
+(success rates; neighbours used by NA are left out of their request's specificity), score,
+fluency (n-gram entropy of generations from ``generation_prompts``), ME-PPL-50 perplexity, and
+the mean number of iterations per batch.  One row is the unedited model.
+
+    python benchmarks/compare_methods.py                       # the full table (hours on 2 CPU cores)
+    python benchmarks/compare_methods.py --n 5 --batch 5 --variants pmet,pmet+iterative   # a smoke run
+    python benchmarks/compare_methods.py --dry-run             # check the variants, print the plan
+
+A variant is ``METHOD[+iterative][+na|+nap]``.  Runs with fewer than 300 requests are written with
+``smoke`` in the file name and a SMOKE RUN banner: they show that the script works, not results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_VARIANTS = ("pmet", "memit", "jeep", "pmet+iterative", "pmet+na", "pmet-mlp-only", "pmet-attn-write",
+                    "pmet-even")
+FULL_N = 300
+DEFAULT_START = 0  # CounterFact dev records 0..299 (the hyper-parameter sweeps used 1000-1099)
+
+
+def parse_variant(text: str, neighbors: int) -> tuple[str, dict]:
+    """``'pmet+iterative+na'`` → (method, hyper-parameter overrides); unknown parts fail here."""
+    from pipeline.editing.methods import get_method
+
+    method, *mods = text.split("+")
+    get_method(method)
+    overrides: dict = {}
+    for m in mods:
+        if m == "iterative":
+            overrides["iterative"] = True
+        elif m in ("na", "nap"):
+            overrides["neighbors"] = neighbors
+            overrides["neighbor_prefixes"] = m == "nap"
+        else:
+            raise SystemExit(f"error: unknown modifier {m!r} in variant {text!r} (iterative, na, nap)")
+    return method, overrides
+
+
+def fluency_metric():
+    """The fluency metric from pipeline.evaluation (written concurrently on another branch)."""
+    try:
+        from pipeline.evaluation.fluency import fluency
+        from pipeline.evaluation.generation import DecodingSettings, generate
+    except ImportError as exc:
+        # TODO(merge): pipeline/evaluation/fluency.py and generation.py come from the evaluation
+        # branch; until they are merged there is no fluency number.  Fail loudly, never fake it.
+        raise SystemExit(f"error: fluency metric unavailable ({exc}); merge the evaluation branch "
+                         "(pipeline/evaluation/fluency.py, generation.py) or pass --skip-fluency") from None
+
+    def run(model, tok, reqs) -> float:
+        prompts, keys, owner = [], [], []
+        settings = DecodingSettings()
+        for i, r in enumerate(reqs):
+            for j, p in enumerate((r.record.get("generation_prompts") or [])[: settings.prompts_per_record]):
+                prompts.append(p)
+                keys.append(f"{r.case_id!r}\0{r.subject}\0{r.target_new}\0{j}")
+                owner.append(i)
+        texts = generate(model, tok, prompts, keys, settings)
+        per = {}
+        for i, t in zip(owner, texts):
+            per.setdefault(i, []).append(t)
+        return sum(fluency(v) for v in per.values()) / len(per)
+
+    return run
+
+
+def me_ppl_texts() -> list[str]:
+    from pipeline.data import verified_path
+
+    return [r["Text"] for r in json.loads(verified_path("me_ppl_50").read_text(encoding="utf-8"))]
+
+
+def evaluate_state(model, tok, reqs, editing_neighbors, texts, flu) -> dict:
+    from pipeline.evaluation.perplexity import perplexity
+    from pipeline.evaluation.protocols import evaluate
+
+    m, _ = evaluate(model, tok, reqs, editing_neighbors)
+    row = {k: m[k] for k in ("efficacy", "generalization", "specificity", "score")}
+    row["me_ppl_50"] = perplexity(model, tok, texts)
+    row["fluency"] = flu(model, tok, reqs) if flu else None
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    ap.add_argument("--n", type=int, default=FULL_N, help="requests in all (≥ 300 for the real table)")
+    ap.add_argument("--batch", type=int, default=100, help="requests per sequential batch")
+    ap.add_argument("--start", type=int, default=DEFAULT_START)
+    ap.add_argument("--neighbors", type=int, default=1, help="neighbours per request for +na / +nap (paper: 1)")
+    ap.add_argument("--hparams", default="smollm2-135m-instruct")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--overrides", type=json.loads, default={},
+                    help="JSON hyper-parameter overrides for every variant (e.g. a smaller cov_max_texts for a smoke run)")
+    ap.add_argument("--skip-fluency", action="store_true", help="leave fluency out (column 'not computed')")
+    ap.add_argument("--dry-run", action="store_true", help="validate the variants and print the plan only")
+    args = ap.parse_args(argv)
+
+    from pipeline.editing.hparams import load_hparams
+    from pipeline.editing.methods import get_method
+
+    if args.n < 1 or args.batch < 1 or args.n % args.batch:
+        raise SystemExit(f"error: --n ({args.n}) must be a positive multiple of --batch ({args.batch})")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    plan = []
+    for v in variants:
+        method, over = parse_variant(v, args.neighbors)
+        over = {**args.overrides, **over}
+        hp = load_hparams(args.hparams, get_method(method).hparams_from, over)  # bad settings fail before work
+        plan.append((v, method, hp))
+    smoke = args.n < FULL_N
+    batches = [(args.start + b, args.start + b + args.batch) for b in range(0, args.n, args.batch)]
+    print(f"{'SMOKE RUN: ' if smoke else ''}{len(plan)} variants × records {args.start}..{args.start + args.n - 1} "
+          f"in {len(batches)} sequential batch(es) of {args.batch}")
+    for v, method, hp in plan:
+        print(f"  {v}: method {method}, layers {list(hp.layers)}"
+              f"{f', high {list(hp.high_layers)}' if hp.high_layers else ''}, modifiers {hp.modifiers or 'none'}")
+    if args.dry_run:
+        return 0
+
+    import torch
+
+    from pipeline.data import sample_records
+    from pipeline.editing.engine import edit
+    from pipeline.editing.requests import parse_requests
+    from pipeline.models.loading import load_model
+
+    flu = None if args.skip_fluency else fluency_metric()
+    torch.manual_seed(0)
+    lm = load_model()
+    base_state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+    records = sample_records("counterfact", args.start, args.n)
+    all_reqs = parse_requests(copy.deepcopy(records))
+    texts = me_ppl_texts()
+    rows = [{"variant": "unedited", **evaluate_state(lm.model, lm.tokenizer, all_reqs, None, texts, flu),
+             "avg_iterations": None, "edit_s": 0.0}]
+    print(json.dumps(rows[-1]))
+    for v, method, hp in plan:
+        lm.model.load_state_dict(base_state)
+        neighbors, iters, trace, t0 = [], [], [], time.perf_counter()
+        for lo, hi in batches:
+            reqs = all_reqs[lo - args.start : hi - args.start]
+            res = edit(lm.model, lm.tokenizer, reqs, method=method, hparams=hp, apply=True,
+                       fingerprint=lm.fingerprint, progress=False)
+            iters.append(len(res.iterations) if res.iterations else 1)
+            trace.append(res.iterations)  # per batch: p(θ_k, h̄_k), p(θ_k+1, ĥ_k), |Δp_k| of every iteration
+            neighbors += res.editing_neighbors or [[] for _ in reqs]
+        edit_s = time.perf_counter() - t0
+        row = {"variant": v, **evaluate_state(lm.model, lm.tokenizer, all_reqs, neighbors if hp.neighbors else None,
+                                              texts, flu),
+               "avg_iterations": sum(iters) / len(iters), "edit_s": edit_s, "iterations": trace,
+               "neighbors_used": sum(len(x) for x in neighbors) if hp.neighbors else None}
+        rows.append(row)
+        print(json.dumps(row))
+    lm.model.load_state_dict(base_state)
+
+    tag = f"compare_methods{'_smoke' if smoke else ''}_n{args.n}_b{args.batch}"
+    if args.overrides:
+        tag += "_" + "_".join(f"{k}{v}" for k, v in sorted(args.overrides.items()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"smoke_run": smoke, "model": "SmolLM2-135M-Instruct", "records": [args.start, args.start + args.n - 1],
+            "batch": args.batch, "hparams": args.hparams, "overrides": args.overrides, "neighbors": args.neighbors,
+            "fluency": "not computed (--skip-fluency)" if flu is None else "n-gram entropy of generations"}
+    (args.out / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    cols = ["variant", "efficacy", "generalization", "specificity", "score", "fluency", "me_ppl_50", "avg_iterations",
+            "edit_s"]
+    fmt = lambda x: "—" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines = [f"# {'SMOKE RUN — not a result: ' if smoke else ''}method comparison, SmolLM2-135M, CounterFact dev "
+             f"{args.start}–{args.start + args.n - 1}, sequential batches of {args.batch}", "",
+             f"fluency: {meta['fluency']}; hyper-parameter overrides for every variant: {args.overrides or 'none'}",
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    (args.out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / tag}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""benchmarks/compare_methods.py starts: variants parse, settings resolve, bad input is refused."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_methods.py"
+
+
+@pytest.fixture(scope="module")
+def cm():
+    spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_dry_run_resolves_every_default_variant(cm, capsys):
+    assert cm.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for v in cm.DEFAULT_VARIANTS:
+        assert f"  {v}: method" in out
+    assert "SMOKE RUN" not in out and "in 3 sequential batch(es) of 100" in out
+    assert "'iterative'" in out and "'neighbors'" in out
+    assert cm.main(["--dry-run", "--n", "5", "--batch", "5", "--variants", "pmet,jeep+nap"]) == 0
+    assert "SMOKE RUN" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--variants", "rome"], "unknown method 'rome'"),
+    (["--variants", "pmet+turbo"], "unknown modifier"),
+    (["--n", "250"], "multiple of --batch"),
+    (["--variants", "pmet+na", "--neighbors", "11"], "neighbors must be"),
+])
+def test_bad_arguments_are_refused(cm, args, match):
+    with pytest.raises((SystemExit, ValueError), match=match):
+        cm.main(["--dry-run", *args])
+
+
+def test_parse_variant(cm):
+    assert cm.parse_variant("pmet", 1) == ("pmet", {})
+    assert cm.parse_variant("jeep+iterative+nap", 2) == ("jeep", {"iterative": True, "neighbors": 2,
+                                                                 "neighbor_prefixes": True})
