@@ -209,6 +209,11 @@ def read_requests(batch_dir: str | Path) -> list[EditRequest]:
 
 # ---------------------------------------------------------------------------------------- dvc.yaml
 
+# data the evaluate stage reads (outputs of the root data stage): ME-PPL-50, and the WikiText sample
+# on which the consistency metric's IDF is fitted
+EVAL_DATA = ("../../data/me_ppl_50.parquet", "../../data/wikitext/wikitext2_raw_test.txt")
+
+
 def dvc_stages(batch: Batch) -> dict:
     """The stages of one batch.  Paths are relative to the batch directory (DVC's working dir).
 
@@ -229,8 +234,11 @@ def dvc_stages(batch: Batch) -> dict:
         "apply": {"cmd": "editledger stage apply --batch .",
                   "deps": [*upstream, model, BATCH_FILE, REQUESTS_FILE, KV_FILE, "../../data/covariance"],
                   "outs": [ENTRY_FILE, DELTAS_FILE, STATE_FILE]},
+        # the evaluation also reads the earlier active batches' requests (retention), pinned by
+        # state.json through the chain of entry ids, and its settings in the root params.yaml
         "evaluate": {"cmd": "editledger stage evaluate --batch .",
-                     "deps": [STATE_FILE, model, REQUESTS_FILE], "outs": [EVAL_FILE],
+                     "deps": [STATE_FILE, model, REQUESTS_FILE, *EVAL_DATA],
+                     "params": [{"../../params.yaml": ["evaluation"]}], "outs": [EVAL_FILE],
                      "metrics": [{METRICS_FILE: {"cache": False}}]},
     }}
 
