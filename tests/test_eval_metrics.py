@@ -179,7 +179,7 @@ def test_suite_adds_generation_metrics_to_counterfact(llama, cf_records, corpus_
 # ------------------------------------------------------------------------------------- retention
 
 def _cands(n: int, batch: str = "0001-aaaaaaaaaaaa") -> list[Candidate]:
-    return [Candidate(batch, i, f'{{"subject": "s{i}"}}') for i in range(n)]
+    return [Candidate(batch, i, f'{{"subject": "{batch} s{i}"}}') for i in range(n)]
 
 
 def test_retention_sample_is_seeded_order_free_and_stable_as_the_pool_grows():

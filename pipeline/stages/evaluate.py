@@ -53,8 +53,9 @@ def me_ppl_texts(project: Project) -> list[str]:
     return list(pd.read_parquet(path, columns=["Text"])["Text"])
 
 
-def retention_candidates(project: Project, chain: list, active: tuple[str, ...]) -> tuple[list[Candidate], dict]:
-    """Earlier active edit requests (all but the last entry's) and the requests themselves by candidate."""
+def retention_candidates(chain: list, active: tuple[str, ...]) -> tuple[list[Candidate], dict]:
+    """The requests of the active edit entries of ``chain`` but its last, as retention candidates
+    (and the requests themselves by candidate; full records, since evaluation needs their prompts)."""
     cands, reqs = [], {}
     for e in chain[:-1]:
         if e.id in active and e.kind == "edit":
@@ -113,7 +114,7 @@ def run(batch_dir: str | Path) -> dict:
     timings["perplexity_post_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cands, pool = retention_candidates(project, chain, states[-1].active)
+    cands, pool = retention_candidates(chain, states[-1].active)
     rp = plan(batch.seq, cands, settings.retention)
     chosen = [pool[c] for c in rp.chosen]
     retention = {**rp.describe(), "metrics": {}}
