@@ -146,8 +146,9 @@ def test_evaluation_retention_collapse_and_history(project):
     assert {"delta_norm_layer_1", "delta_norm_layer_2"} <= set(hist.columns)
     shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
     assert any("reports/summary.json" in json.dumps(v) for v in shown.values())
-    plots = json.loads(dvc(repo, "plots", "show", "--json", "--split").stdout)
+    plots = json.loads(dvc(repo, "plots", "show", "--json", "--split").stdout)["data"]
     assert {"edit_success", "retention", "collapse_ppl", "fluency"} <= set(plots)
+    assert "ME-PPL-50 perplexity" in json.dumps(plots["collapse_ppl"])
 
 
 # --------------------------------------------------------------------------------------- (c)
