@@ -332,12 +332,13 @@ def verify(replay: bool = typer.Option(False, "--replay", help="also rebuild the
 
 @app.command()
 def report(out: Path = typer.Option(Path("reports/latest"), "--out", help="output directory")):
-    """Write the ledger summary: summary.parquet, summary.json and a self-contained index.html."""
+    """Write the history report: index.html (self-contained: plots embedded, renders offline),
+    summary.parquet (row 0 = the unedited model, then one row per batch), summary.json, history.csv."""
     from pipeline.stages.summary import write_summary
 
     project = _project()
     out = out if out.is_absolute() else Path.cwd() / out
-    metrics = _guard(write_summary, project.ledger, out / "summary.parquet", out / "summary.json", out / "index.html")
+    metrics = _guard(write_summary, project.ledger, out)
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"wrote {out / 'index.html'}")
 
@@ -464,13 +465,11 @@ def stage_probe(kind: str = typer.Option(..., "--kind", help="similarity | logit
 
 @stage_app.command("summary")
 def stage_summary():
-    """Summarise the ledger into reports/summary.{parquet,json,html}."""
+    """Summarise the ledger into reports/summary.{parquet,json,html} and reports/history.csv."""
     from pipeline.stages.summary import write_summary
 
     project = _project()
-    reports = project.root / "reports"
-    metrics = _guard(write_summary, project.ledger, reports / "summary.parquet", reports / "summary.json",
-                     reports / "summary.html")
+    metrics = _guard(write_summary, project.ledger, project.root / "reports", page_name="summary.html")
     typer.echo(json.dumps(metrics))
 
 

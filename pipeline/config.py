@@ -20,6 +20,13 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     # the probes' DVC stages (probes/dvc.yaml): CounterFact records start .. start+n
     "probes": {"start": 0, "n": 100},
+    # the evaluate stage of every batch (see pipeline/evaluation/suite.py); not part of any entry id
+    "evaluation": {
+        "generation": {"prompts_per_record": 2, "max_new_tokens": 40, "top_k": 5, "batch_size": 32},
+        "retention": {"sample": 100, "full_every": 10, "generation": True},
+        "perplexity": {"max_length": 256},
+        "seed": 0,
+    },
 }
 
 
@@ -67,6 +74,7 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
         raise ParamsError("covariance.layers must be a list of layer indices (integers ≥ 0)")
     if not isinstance(cov["roles"], list) or not all(r in ("mlp_out", "attn_out") for r in cov["roles"]):
         raise ParamsError("covariance.roles must be a list of mlp_out / attn_out")
+    _check_evaluation(params["evaluation"])
     return params
 
 
@@ -81,3 +89,21 @@ def modifier_overrides(cfg: dict[str, Any], iterative: bool | None = None, neigh
     if nb != 0:
         out["neighbors"] = nb
     return out
+
+
+def _check_evaluation(ev: dict) -> None:
+    """Bounds on the evaluation's cost settings: they are the only thing keeping it affordable."""
+    def positive_int(where: str, v: Any, allow_none: bool = False, minimum: int = 1) -> None:
+        if v is None and allow_none:
+            return
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ParamsError(f"evaluation.{where} must be an integer ≥ {minimum}" + (" or null" if allow_none else ""))
+
+    for k in ("prompts_per_record", "max_new_tokens", "top_k", "batch_size"):
+        positive_int(f"generation.{k}", ev["generation"][k])
+    positive_int("retention.sample", ev["retention"]["sample"], allow_none=True, minimum=0)
+    positive_int("retention.full_every", ev["retention"]["full_every"], minimum=0)
+    if not isinstance(ev["retention"]["generation"], bool):
+        raise ParamsError("evaluation.retention.generation must be true or false")
+    positive_int("perplexity.max_length", ev["perplexity"]["max_length"], minimum=2)
+    positive_int("seed", ev["seed"], minimum=0)

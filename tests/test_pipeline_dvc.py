@@ -26,6 +26,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -120,6 +121,36 @@ def test_five_batches_build_and_verify(project):
     assert "<table>" in (repo / "reports" / "summary.html").read_text()
 
 
+def test_evaluation_retention_collapse_and_history(project):
+    """Every batch is evaluated on the unedited model, before, after, and on the earlier active edits;
+    the summary's row 0 is the unedited model; DVC sees the metrics and plots."""
+    repo, dirs = project["repo"], project["dirs"]
+    ev = [json.loads((repo / "ledger" / d / "metrics.json").read_text()) for d in dirs]
+    assert [e["retention"]["mode"] for e in ev] == ["none", "all", "all", "all", "all"]
+    assert [e["retention"]["n_evaluated"] for e in ev] == [0, 2, 4, 6, 8]
+    assert ev[4]["retention"]["batches"] == dirs[:4] and set(ev[4]["retention"]["metrics"]) == {"counterfact"}
+    assert all(e["perplexity"]["base"] == ev[0]["perplexity"]["base"] for e in ev)  # one unedited model
+    assert all(e["perplexity"]["post"] != e["perplexity"]["base"] for e in ev)
+    assert all(e["post"]["fluency"] > 0 and "fluency" not in e["pre"] for e in ev)
+    assert ev[0]["pre"]["efficacy"] == ev[0]["base"]["efficacy"]  # the first batch's parent is the base
+    rows = pd.read_parquet(repo / "ledger" / dirs[4] / "eval.parquet")
+    assert set(rows["phase"]) == {"base", "pre", "post", "retention"}
+    ret = rows[rows["phase"] == "retention"]
+    assert set(ret["batch"]) == set(dirs[:4]) and {"rank_new", "rank_true", "generation"} <= set(rows.columns)
+    hist = pd.read_parquet(repo / "reports" / "summary.parquet")
+    assert hist["seq"].tolist() == list(range(6)) and hist["kind"][0] == "base"
+    assert hist["n_active_requests"].tolist() == [0, 2, 4, 6, 8, 10]
+    assert hist["ppl"][0] == ev[0]["perplexity"]["base"] and hist["ppl"][5] == ev[4]["perplexity"]["post"]
+    assert hist["post_efficacy"][0] == pytest.approx(sum(e["base"]["efficacy"] for e in ev) / 5)
+    assert hist["ret_efficacy"][5] == ev[4]["retention"]["metrics"]["counterfact"]["efficacy"]
+    assert {"delta_norm_layer_1", "delta_norm_layer_2"} <= set(hist.columns)
+    shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    assert any("reports/summary.json" in json.dumps(v) for v in shown.values())
+    plots = json.loads(dvc(repo, "plots", "show", "--json", "--split").stdout)["data"]
+    assert {"edit_success", "retention", "collapse_ppl", "fluency"} <= set(plots)
+    assert "ME-PPL-50 perplexity" in json.dumps(plots["collapse_ppl"])
+
+
 # --------------------------------------------------------------------------------------- (c)
 
 def test_fresh_clone_and_pull_is_up_to_date(project):
@@ -159,6 +190,9 @@ def test_changing_batch_3_reruns_exactly_batches_3_to_5(project):
     assert entries(repo / "ledger")[2].method == "memit"
     assert "ok: 5 entries verified (hash chain and replay)" in cli(repo, "verify", "--replay").stdout
     assert ran_stages(dvc(repo, "repro", "-P").stdout) == []
+    # the change of method shows at a glance against the committed history
+    diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)["reports/summary.json"]
+    assert "last.ppl" in diff and "base.ppl" not in diff  # the unedited model did not change
 
 
 # --------------------------------------------------------------------------------------- (d)

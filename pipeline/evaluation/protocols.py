@@ -5,7 +5,8 @@ succeeds when P[new] > P[true]; on neighbourhood prompts (specificity) when P[tr
 P being the mean-token teacher-forced probability.  Also magnitudes (P[new] − P[true], resp.
 P[true] − P[new]), argmax accuracy, and the score = harmonic mean of the three success rates.
 zsRE: teacher-forced top-1 token accuracy of the new answer on the question and its rephrase,
-and of the recorded answer on the unrelated NQ question.
+and of the recorded answer on the unrelated NQ question.  Per prompt, the Parquet rows also keep
+the probabilities and the rank of the answer's first token (0 = the model's top choice).
 
 Neighbour-assisted editing trains on some neighbourhood prompts of a request; those are not a
 fair test of its specificity, so ``editing_neighbors[i]`` (indices into request i's
@@ -60,6 +61,7 @@ def evaluate_counterfact(model, tok, requests: list[EditRequest],
     df["logp_new"], df["logp_true"] = new.mean_logprob.numpy(), true.mean_logprob.numpy()
     df["p_new"], df["p_true"] = new.mean_prob.numpy(), true.mean_prob.numpy()
     df["argmax_new"], df["argmax_true"] = (new.token_correct == 1).numpy(), (true.token_correct == 1).numpy()
+    df["rank_new"], df["rank_true"] = new.first_rank.numpy(), true.first_rank.numpy()
     neigh = df["kind"] == "neighborhood"
     df["success"] = (df["logp_new"] > df["logp_true"]).where(~neigh, df["logp_true"] > df["logp_new"])
     df["magnitude"] = (df["p_new"] - df["p_true"]).where(~neigh, df["p_true"] - df["p_new"])
@@ -80,6 +82,8 @@ def evaluate_zsre(model, tok, requests: list[EditRequest]) -> tuple[dict, pd.Dat
     sc = score_pairs(model, tok, [(r["prompt"], r["answer"]) for r in rows])
     df = pd.DataFrame(rows)
     df["logp"], df["token_accuracy"] = sc.mean_logprob.numpy(), sc.token_correct.numpy()
+    df["p"], df["rank"] = sc.mean_prob.numpy(), sc.first_rank.numpy()
+    df["success"] = df["token_accuracy"] == 1
     metrics = {}
     for kind, name in (("rewrite", "efficacy"), ("paraphrase", "generalization"), ("neighborhood", "specificity")):
         sub = df[df["kind"] == kind]
@@ -100,15 +104,24 @@ def _check_exclusions(requests: list[EditRequest], editing_neighbors: list[list[
             raise ValueError(f"editing_neighbors[{i}] = {idx} is out of range for {n} neighbourhood prompts")
 
 
+def protocol_of(req: EditRequest) -> str | None:
+    """``counterfact`` or ``zsre``: which protocol evaluates a request (None: neither applies)."""
+    if req.fmt == "counterfact" or req.fmt == "plain" and req.target_true:
+        return "counterfact"
+    return "zsre" if req.fmt == "zsre" else None
+
+
 def evaluate(model, tok, requests: list[EditRequest],
              editing_neighbors: list[list[int]] | None = None) -> tuple[dict, pd.DataFrame]:
     """Dispatch on the requests' format (all of one batch must share it); ``editing_neighbors``
     (CounterFact only) leaves the neighbour prompts used for editing out of specificity."""
-    fmts = {r.fmt for r in requests}
-    if fmts == {"counterfact"} or fmts == {"plain"} and all(r.target_true for r in requests):
+    protocols = {protocol_of(r) for r in requests}
+    if None in protocols:
+        raise ValueError("plain requests without target_true have no evaluation protocol")
+    if len(protocols) != 1:
+        raise ValueError(f"cannot evaluate a batch mixing formats {sorted({r.fmt for r in requests})}")
+    if protocols == {"counterfact"}:
         return evaluate_counterfact(model, tok, requests, editing_neighbors)
     if editing_neighbors is not None:
         raise ValueError("editing_neighbors applies to CounterFact requests only")
-    if fmts == {"zsre"}:
-        return evaluate_zsre(model, tok, requests)
-    raise ValueError(f"cannot evaluate a batch mixing formats {sorted(fmts)}")
+    return evaluate_zsre(model, tok, requests)

@@ -209,6 +209,11 @@ def read_requests(batch_dir: str | Path) -> list[EditRequest]:
 
 # ---------------------------------------------------------------------------------------- dvc.yaml
 
+# data the evaluate stage reads (outputs of the root data stage): ME-PPL-50, and the WikiText sample
+# on which the consistency metric's IDF is fitted
+EVAL_DATA = ("../../data/me_ppl_50.parquet", "../../data/wikitext/wikitext2_raw_test.txt")
+
+
 def dvc_stages(batch: Batch) -> dict:
     """The stages of one batch.  Paths are relative to the batch directory (DVC's working dir).
 
@@ -230,10 +235,13 @@ def dvc_stages(batch: Batch) -> dict:
         "apply": {"cmd": "editledger stage apply --batch .",
                   "deps": [*upstream, model, BATCH_FILE, REQUESTS_FILE, KV_FILE, "../../data/covariance"],
                   "outs": [ENTRY_FILE, DELTAS_FILE, STATE_FILE]},
+        # the evaluation also reads the earlier active batches' requests (retention), pinned by
+        # state.json through the chain of entry ids, and its settings in the root params.yaml
         "evaluate": {"cmd": "editledger stage evaluate --batch .",
                      # neighbour-assisted batches: evaluate reads which neighbours were used for editing
-                     "deps": [STATE_FILE, model, REQUESTS_FILE] + ([KV_FILE] if (batch.hparams or {}).get("neighbors") else []),
-                     "outs": [EVAL_FILE],
+                     "deps": [STATE_FILE, model, REQUESTS_FILE, *EVAL_DATA]
+                             + ([KV_FILE] if (batch.hparams or {}).get("neighbors") else []),
+                     "params": [{"../../params.yaml": ["evaluation"]}], "outs": [EVAL_FILE],
                      "metrics": [{METRICS_FILE: {"cache": False}}]},
     }}
 

@@ -79,7 +79,8 @@ class LedgerDiff:
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
-def _layer_of(name: str) -> str:
+def layer_of(name: str) -> str:
+    """The layer number in a parameter name ("model.layers.3.mlp.down_proj.weight" → "3"), else "other"."""
     m = _LAYER_RE.search(name)
     return m.group(1) if m else "other"
 
@@ -92,7 +93,7 @@ def _side(ref: str, target: Entry | str, state: ChainState, by_id: dict[str, Ent
     norms = {n: float(t.norm()) for n, t in sorted(net.items())}
     layers: dict[str, float] = {}
     for n, v in norms.items():
-        layers[_layer_of(n)] = layers.get(_layer_of(n), 0.0) + v * v
+        layers[layer_of(n)] = layers.get(layer_of(n), 0.0) + v * v
     requests = [r for eid in state.active for r in by_id[eid].requests]
     is_entry = isinstance(target, Entry)
     metrics = None

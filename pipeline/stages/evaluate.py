@@ -1,9 +1,19 @@
-"""Stage ``evaluate`` of an edit batch: its requests before (parent state) and after (this entry).
+"""Stage ``evaluate`` of an edit batch: everything a reader judges the edit by, with its baselines.
 
-Writes ``eval.parquet`` (one row per prompt and phase: rewrite, paraphrase and neighbourhood
-prompts with their probabilities and success) and ``metrics.json`` (the CounterFact/zsRE
-metrics pre and post, sealed and naming the entry id it evaluated; DVC shows it as metrics).
-Retention of earlier batches and the ME-PPL collapse check are left to a later stage.
+Model states and what is measured on each (settings: ``evaluation:`` in params.yaml):
+
+* ``base`` — the unedited model: the batch's requests (protocol + generation metrics) and ME-PPL-50;
+* ``pre`` — the parent state (before this batch): the batch's requests (protocol metrics only;
+  for the first batch it *is* the base state and is not computed twice);
+* ``post`` — this entry's state: the batch's requests (all metrics) and ME-PPL-50 (collapse);
+* ``retention`` — this entry's state on earlier edits that are still active: all of them, or a
+  seeded sample (:mod:`pipeline.evaluation.retention`), per protocol.
+
+Writes ``eval.parquet`` (one row per prompt or generation and state: kind, prompt, targets,
+probabilities, ranks, success; for retention rows the batch and index the request came from) and
+``metrics.json`` — sealed, naming the entry id and the Parquet's sha256
+(:func:`pipeline.ledger.write_evaluation`) — with every setting a number depends on (decoding,
+retention mode, consistency reference, perplexity cut) recorded beside it.
 """
 
 from __future__ import annotations
@@ -12,21 +22,50 @@ import copy
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from pipeline.evaluation.protocols import evaluate
+from pipeline.evaluation.perplexity import perplexity
+from pipeline.evaluation.protocols import protocol_of
+from pipeline.evaluation.retention import Candidate, plan
+from pipeline.evaluation.suite import CONSISTENCY_REFERENCE, EvalSettings, by_protocol, evaluate_state, wikitext_tfidf
 from pipeline.ledger import read_batch, read_requests, write_evaluation
+from pipeline.ledger.atomic import canonical_json
 from pipeline.ledger.layout import KV_FILE
 from pipeline.ledger.replay import materialize
 from pipeline.stages.keys_values import read_passes
 from pipeline.ledger.store import load
-from pipeline.stages.common import Project, StageError, base_model
+from pipeline.stages.common import CORPUS, Project, StageError, base_model
+
+ME_PPL = Path("data/me_ppl_50.parquet")  # the data stage's verified conversion
 
 
-def _finite(metrics: dict) -> dict:
-    """NaN (a kind of prompt the requests do not have) → None: metrics.json is canonical JSON."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+def finite(value: Any) -> Any:
+    """NaN (a kind of prompt the requests do not have) → None, recursively: metrics.json is canonical JSON."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def me_ppl_texts(project: Project) -> list[str]:
+    path = project.root / ME_PPL
+    if not path.exists():
+        raise StageError(f"{path} does not exist: run `dvc repro -P` (stage data) first")
+    return list(pd.read_parquet(path, columns=["Text"])["Text"])
+
+
+def retention_candidates(chain: list, active: tuple[str, ...]) -> tuple[list[Candidate], dict]:
+    """The requests of the active edit entries of ``chain`` but its last, as retention candidates
+    (and the requests themselves by candidate; full records, since evaluation needs their prompts)."""
+    cands, reqs = [], {}
+    for e in chain[:-1]:
+        if e.id in active and e.kind == "edit":
+            for i, r in enumerate(read_requests(e.path)):
+                c = Candidate(e.dirname, i, canonical_json(r.canonical()))
+                cands.append(c)
+                reqs[c] = r
+    return cands, reqs
 
 
 def run(batch_dir: str | Path) -> dict:
@@ -35,22 +74,72 @@ def run(batch_dir: str | Path) -> dict:
     batch = read_batch(batch_dir)
     if batch.kind != "edit":
         raise StageError(f"{batch_dir.name} is a {batch.kind} batch: it has no evaluate stage")
-    entry = load(project.ledger, upto=batch_dir.name)[0][-1]
+    settings = EvalSettings.from_params(project.params()["evaluation"])
+    chain, states = load(project.ledger, upto=batch_dir.name)
+    entry = chain[-1]
     reqs = read_requests(batch_dir)
+    if not (project.root / CORPUS).exists():
+        raise StageError(f"{project.root / CORPUS} does not exist: run `dvc repro -P` (stage data) first")
+    tfidf = wikitext_tfidf(project.root / CORPUS)
+    texts = me_ppl_texts(project)
     lm = base_model(project)
     # neighbour-assisted batches: the neighbours used for editing are not specificity tests
     kv = batch_dir / KV_FILE
     editing_neighbors = read_passes(kv)[1].get("editing_neighbors") if kv.exists() else None
-    results, rows, timings = {}, [], {}
-    for phase, upto in (("pre", batch.parent), ("post", batch_dir.name)):
+    tok = lm.tokenizer
+    results: dict[str, dict] = {}
+    ppl: dict[str, float] = {}
+    rows, timings = [], {}
+
+    def measure(phase: str, model, generation: bool) -> None:
         t0 = time.perf_counter()
-        model = copy.deepcopy(lm.model)
-        if upto is not None:
-            materialize(project.ledger, upto, model, inplace=True)
-        metrics, df = evaluate(model, lm.tokenizer, reqs, editing_neighbors)
-        results[phase] = _finite(metrics)
+        metrics, df = evaluate_state(model, tok, reqs, settings.generation, tfidf if generation else None,
+                                     editing_neighbors)
+        results[phase] = finite(metrics)
         rows.append(df.assign(phase=phase))
         timings[f"{phase}_s"] = time.perf_counter() - t0
-    doc = {"method": batch.method, "n_requests": len(reqs), "pre": results["pre"], "post": results["post"],
+
+    def state(upto: str):
+        model = copy.deepcopy(lm.model)
+        return materialize(project.ledger, upto, model, inplace=True)
+
+    measure("base", lm.model, generation=True)
+    t0 = time.perf_counter()
+    ppl["base"] = perplexity(lm.model, tok, texts, settings.ppl_max_length)
+    timings["perplexity_base_s"] = time.perf_counter() - t0
+    if batch.parent is None:  # the parent state is the unedited model
+        results["pre"] = {k: v for k, v in results["base"].items() if k not in ("fluency", "n_generations")
+                          and not k.startswith("consistency")}
+        rows.append(rows[0][rows[0]["kind"] != "generation"].assign(phase="pre"))
+    else:
+        measure("pre", state(batch.parent), generation=False)
+    model = state(batch_dir.name)
+    measure("post", model, generation=True)
+    t0 = time.perf_counter()
+    ppl["post"] = perplexity(model, tok, texts, settings.ppl_max_length)
+    timings["perplexity_post_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cands, pool = retention_candidates(chain, states[-1].active)
+    rp = plan(batch.seq, cands, settings.retention)
+    chosen = [pool[c] for c in rp.chosen]
+    retention = {**rp.describe(), "metrics": {}}
+    for protocol, positions in by_protocol(chosen).items():
+        group = [chosen[i] for i in positions]
+        metrics, df = evaluate_state(model, tok, group, settings.generation,
+                                     tfidf if settings.retention.generation else None)
+        retention["metrics"][protocol] = finite(metrics)
+        origin = [rp.chosen[positions[i]] for i in df["request"]]
+        rows.append(df.assign(phase="retention", batch=[c.batch for c in origin],
+                              request=[c.index for c in origin]))
+    timings["retention_s"] = time.perf_counter() - t0
+
+    doc = {"method": batch.method, "n_requests": len(reqs), "protocol": protocol_of(reqs[0]),
+           "base": results["base"], "pre": results["pre"], "post": results["post"], "retention": retention,
+           "perplexity": {"dataset": "ME-PPL-50", "n_texts": len(texts), "max_length": settings.ppl_max_length,
+                          **ppl},
+           "generation": {**settings.generation.describe(), "consistency": CONSISTENCY_REFERENCE},
            "timings": timings}
-    return write_evaluation(entry, pd.concat(rows, ignore_index=True), doc)
+    table = pd.concat([r if "batch" in r else r.assign(batch=batch_dir.name) for r in rows], ignore_index=True)
+    table["case_id"] = [None if v is None else str(v) for v in table["case_id"]]  # int (CounterFact) or str
+    return write_evaluation(entry, table, doc)

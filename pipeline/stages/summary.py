@@ -1,41 +1,92 @@
-"""Stage ``summary`` (and ``editledger log`` / ``report``): one row per ledger batch.
+"""Stage ``summary`` (and ``editledger log`` / ``report``): the history of the ledger, one row per batch.
 
-Every batch directory gets a row, committed or not: sequence, directory, entry id, kind, method,
-number of requests, status, whether it is active now, and its evaluation (pre/post efficacy,
-generalisation, specificity, score).  Status is ``committed``, ``pending`` (not computed yet),
-``interrupted`` (an apply died before its commit point), ``changed`` (its inputs were edited after
-it was applied) or ``stale`` (an earlier batch is pending or changed) — ``dvc repro -P`` recomputes
-both — ``invalid`` (fails its checks: run ``editledger verify``) or ``unverified`` (after an
-invalid one).  Writes Parquet, a DVC metrics JSON and a self-contained HTML table.
+:func:`ledger_table` — one row per batch directory, committed or not: sequence, directory, entry
+id, kind, method, number of requests, status, whether it is active now, the number of requests
+active after it, its evaluation (``base_``: the unedited model, ``pre_``: the parent state,
+``post_``: this state — on the batch's own requests; ``ret_``: this state on the retained earlier
+edits; ``ppl``: ME-PPL-50 perplexity) and the norm of its weight change per layer.  Status is
+``committed``, ``pending`` (not computed yet), ``interrupted`` (an apply died before its commit
+point), ``changed`` (its inputs were edited after it was applied) or ``stale`` (an earlier batch
+is pending or changed) — ``dvc repro -P`` recomputes both — ``invalid`` (fails its checks: run
+``editledger verify``) or ``unverified`` (after an invalid one).
+
+:func:`history_table` puts the unedited model in front as row 0 (``seq`` 0, kind ``base``): its
+``post_`` numbers are the ``base_`` numbers of all evaluated batches pooled (weighted by their
+number of requests) and its ``ppl`` is the unedited perplexity, so every curve starts at its
+baseline.  The stage writes that table as Parquet, a CSV for ``dvc plots`` (``history.csv``),
+headline numbers for ``dvc metrics`` (``summary.json``) and the HTML report.
 """
 
 from __future__ import annotations
 
-import html
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.evaluation.suite import CONSISTENCY_KEY
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import BatchError, read_batch
 from pipeline.ledger.errors import LedgerCorruptError, LedgerError
 from pipeline.ledger.layout import REQUESTS_FILE, scan
+from pipeline.ledger.replay import layer_of
 from pipeline.ledger.store import read_evaluation, walk
 
-METRICS = ("efficacy", "generalization", "specificity", "score")
-COLUMNS = ["seq", "dir", "id", "kind", "method", "n_requests", "status", "active", "approximate", "target", "mode",
-           "reapplies", "created_at", "edit_s"] + [f"{p}_{m}" for p in ("pre", "post") for m in METRICS]
+HEADLINE = ("efficacy", "generalization", "specificity", "score")
+METRICS = (*HEADLINE, *(f"{m}_{q}" for q in ("magnitude", "accuracy") for m in HEADLINE[:3]), "fluency",
+           CONSISTENCY_KEY)
+PHASES = ("base", "pre", "post", "ret")
+COLUMNS = ["seq", "dir", "id", "kind", "method", "protocol", "n_requests", "n_active_requests", "status", "active",
+           "approximate", "target", "mode", "reapplies", "created_at", "edit_s", "ppl_base", "ppl",
+           "retention_mode", "retention_n", "retention_available", "delta_norm"] + [
+           f"{p}_{m}" for p in PHASES for m in METRICS]
+# what `dvc plots` draws (root dvc.yaml) and the HTML report's curves read
+PLOT_COLUMNS = ["seq", "dir", "kind", "n_active_requests", *(f"post_{m}" for m in METRICS),
+                *(f"ret_{m}" for m in METRICS), "ppl"]
+
+
+def _evaluation_columns(ev: dict | None) -> dict:
+    if not ev:
+        return {}
+    row = {f"{p}_{m}": ev.get(p, {}).get(m) for p in ("base", "pre", "post") for m in METRICS}
+    row["protocol"] = ev.get("protocol")
+    ret = ev.get("retention")
+    if ret:
+        groups = ret.get("metrics") or {}
+        own = groups.get(ev.get("protocol")) or (next(iter(groups.values())) if len(groups) == 1 else {})
+        row.update({f"ret_{m}": own.get(m) for m in METRICS})
+        row.update(retention_mode=ret.get("mode"), retention_n=ret.get("n_evaluated"),
+                   retention_available=ret.get("n_available"))
+    ppl = ev.get("perplexity") or {}
+    row.update(ppl_base=ppl.get("base"), ppl=ppl.get("post"))
+    return row
+
+
+def _delta_columns(manifest: dict) -> dict:
+    """Frobenius norm of the entry's own weight change, in total and per layer (from the manifest)."""
+    params = (manifest.get("deltas") or {}).get("params") or {}
+    if not params:
+        return {}
+    layers: dict[str, float] = {}
+    for name, info in params.items():
+        layers[layer_of(name)] = layers.get(layer_of(name), 0.0) + info["norm"] ** 2
+    out = {f"delta_norm_layer_{k}": math.sqrt(v) for k, v in layers.items()}
+    out["delta_norm"] = math.sqrt(sum(layers.values()))
+    return out
 
 
 def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
-    """One row per batch directory, in sequence order (see the module docstring for ``status``)."""
+    """One row per batch directory, in sequence order (see the module docstring)."""
     ledger = Path(ledger_dir)
-    committed, active, problem = {}, set(), None
+    committed, active, n_active, problem = {}, set(), {}, None
+    sizes: dict[str, int] = {}
     try:
         for e, state in walk(ledger, missing_ok=True):
             committed[e.dirname] = e
+            sizes[e.id] = len(e.requests) if e.kind == "edit" else 0
             active = set(state.active)
+            n_active[e.dirname] = sum(sizes[i] for i in state.active)
     except LedgerError as exc:
         problem = exc
     rows = []
@@ -52,19 +103,19 @@ def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
         e = committed.get(d.name)
         if e is not None:
             row.update(id=e.id, active=e.id in active, approximate=e.approximate, created_at=e.manifest["created_at"],
-                       edit_s=sum(e.manifest["timings"].values()))
+                       edit_s=sum(e.manifest["timings"].values()), n_active_requests=n_active[d.name])
+            row.update(_delta_columns(e.manifest))
             try:
-                ev = read_evaluation(e)
+                row.update(_evaluation_columns(read_evaluation(e)))
             except LedgerCorruptError:
-                ev, row["status"] = None, "invalid"
-            for phase in ("pre", "post"):
-                for m in METRICS:
-                    row[f"{phase}_{m}"] = (ev or {}).get(phase, {}).get(m)
+                row["status"] = "invalid"
         elif d.committed:
             row["status"] = _broken(problem, d.name)
         rows.append(row)
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("n_requests",):
+    layers = sorted({k for r in rows for k in r if k.startswith("delta_norm_layer_")},
+                    key=lambda k: (not k[17:].isdigit(), int(k[17:]) if k[17:].isdigit() else 0, k))
+    df = pd.DataFrame(rows, columns=COLUMNS + layers)
+    for col in ("n_requests", "n_active_requests", "retention_n", "retention_available"):
         df[col] = df[col].astype("Int64")
     return df
 
@@ -78,44 +129,88 @@ def _broken(problem: LedgerError | None, name: str) -> str:
     return "unverified" if kind == "invalid" else "stale"
 
 
-def summary_metrics(df: pd.DataFrame) -> dict:
-    """Headline numbers for ``dvc metrics show``: counts, and the post-edit metrics of active batches."""
+def _pooled(df: pd.DataFrame, column: str) -> float | None:
+    """Mean of ``column`` over the rows that have it, weighted by their number of requests."""
+    have = df[df[column].notna() & df["n_requests"].notna()]
+    if have.empty:
+        return None
+    w = have["n_requests"].astype(float)
+    return float((have[column].astype(float) * w).sum() / w.sum())
+
+
+def history_table(ledger: pd.DataFrame) -> pd.DataFrame:
+    """Row 0 (the unedited model, see the module docstring) followed by the ledger's rows."""
+    evaluated = ledger[(ledger["kind"] == "edit") & ledger["post_efficacy"].notna()]
+    base = dict.fromkeys(ledger.columns)
+    base.update(seq=0, dir="base", kind="base", status="base", n_active_requests=0,
+                n_requests=int(evaluated["n_requests"].sum()) if len(evaluated) else 0)
+    protocols = set(evaluated["protocol"].dropna())
+    base["protocol"] = protocols.pop() if len(protocols) == 1 else None
+    for m in METRICS:
+        base[f"base_{m}"] = base[f"post_{m}"] = _pooled(evaluated, f"base_{m}")
+    ppl = evaluated["ppl_base"].dropna()
+    base["ppl"] = base["ppl_base"] = float(ppl.iloc[0]) if len(ppl) else None
+    keep = {c: t for c, t in ledger.dtypes.items() if t != bool}  # row 0 has no "active": None, not False
+    return pd.concat([pd.DataFrame([base]).astype(keep), ledger], ignore_index=True)
+
+
+def _clean(d: dict) -> dict:
+    """Plain JSON values (numpy scalars → Python), without the missing ones."""
+    d = {k: v.item() if hasattr(v, "item") else v for k, v in d.items()}
+    return {k: v for k, v in d.items() if v is not None and v is not pd.NA
+            and not (isinstance(v, float) and math.isnan(v))}
+
+
+def summary_metrics(history: pd.DataFrame) -> dict:
+    """Headline numbers for ``dvc metrics show/diff``: counts, the unedited model (``base``), the
+    last evaluated batch (``last``: its own requests, the retained ones, perplexity), and the
+    post-edit metrics of the active batches pooled (``active_post``)."""
+    df = history[history["kind"] != "base"]
     edits = df[(df["kind"] == "edit") & (df["active"] == True)]  # noqa: E712  (nullable column)
     out = {"batches": int(len(df)), "committed": int((df["status"] == "committed").sum()),
            "active_batches": int(len(edits)),
            "active_requests": int(edits["n_requests"].fillna(0).sum()),
            "approximate": bool(df["approximate"].fillna(False).iloc[-1]) if len(df) else False}
-    evaluated = edits.dropna(subset=["post_efficacy"])
+    row0 = history[history["kind"] == "base"]
+    if len(row0) and pd.notna(row0["post_efficacy"].iloc[0]):
+        r = row0.iloc[0]
+        out["base"] = _clean({**{m: r[f"post_{m}"] for m in METRICS}, "ppl": r["ppl"]})
+    evaluated = df[(df["kind"] == "edit") & df["post_efficacy"].notna()]
     if len(evaluated):
-        weights = evaluated["n_requests"].astype(float)
-        out["active_post"] = {m: float((evaluated[f"post_{m}"].astype(float) * weights).sum() / weights.sum())
-                              for m in METRICS if evaluated[f"post_{m}"].notna().all()}
+        r = evaluated.iloc[-1]
+        out["last"] = _clean({"seq": int(r["seq"]), "n_active_requests": r["n_active_requests"], "ppl": r["ppl"],
+                              **{f"post_{m}": r[f"post_{m}"] for m in METRICS},
+                              **{f"ret_{m}": r[f"ret_{m}"] for m in METRICS}})
+    active = edits.dropna(subset=["post_efficacy"])
+    if len(active):
+        out["active_post"] = _clean({m: _pooled(active, f"post_{m}") for m in METRICS})
     return out
 
 
-def html_page(df: pd.DataFrame, metrics: dict) -> str:
-    def cell(v) -> str:
-        if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
-            return ""
-        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+def latest_settings(ledger_dir: str | Path, history: pd.DataFrame) -> dict | None:
+    """The evaluation settings recorded by the last evaluated batch (for the report's notes)."""
+    from pipeline.ledger.store import entries
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
-    body = "\n".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>"
-                     for r in df.astype(object).itertuples(index=False))
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>editledger summary</title><style>"
-            "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;font-size:13px}"
-            "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}</style></head><body>"
-            "<h1>editledger ledger summary</h1>"
-            f"<pre>{html.escape(json.dumps(metrics, indent=2))}</pre>"
-            f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table></body></html>\n")
+    evaluated = history[(history["kind"] == "edit") & history["post_efficacy"].notna()]
+    if evaluated.empty:
+        return None
+    last = evaluated["dir"].iloc[-1]
+    try:
+        ev = read_evaluation(next(e for e in entries(ledger_dir) if e.dirname == last))
+    except (LedgerError, StopIteration):
+        return None
+    return {k: ev.get(k) for k in ("retention", "generation", "perplexity", "protocol")} if ev else None
 
 
-def write_summary(ledger_dir: str | Path, parquet: Path, metrics_json: Path, page: Path) -> dict:
-    df = ledger_table(ledger_dir)
-    metrics = summary_metrics(df)
-    for p in (parquet, metrics_json, page):
-        p.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_parquet(parquet, df)
-    atomic.write_text(metrics_json, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    atomic.write_text(page, html_page(df, metrics))
+def write_summary(ledger_dir: str | Path, out_dir: Path, *, page_name: str = "index.html") -> dict:
+    """Write ``summary.parquet``, ``summary.json``, ``history.csv`` and the HTML report into ``out_dir``."""
+    from pipeline.report.page import html_page
+
+    history = history_table(ledger_table(ledger_dir))
+    metrics = summary_metrics(history)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_parquet(out_dir / "summary.parquet", history)
+    atomic.write_text(out_dir / "summary.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    atomic.write_text(out_dir / "history.csv", history[PLOT_COLUMNS].to_csv(index=False, float_format="%.6g"))
+    atomic.write_text(out_dir / page_name, html_page(history, metrics, latest_settings(ledger_dir, history)))
     return metrics
