@@ -2,7 +2,8 @@
 
 Every batch directory gets a row, committed or not: sequence, directory, entry id, kind, method,
 number of requests, status, whether it is active now, and its evaluation (pre/post efficacy,
-generalisation, specificity, score).  Status is ``committed``, ``pending`` (not computed yet),
+generalisation, specificity, score).  Status is ``committed``, ``refused`` (committed, but the
+collapse guard kept it out of the state), ``pending`` (not computed yet),
 ``interrupted`` (an apply died before its commit point), ``changed`` (its inputs were edited after
 it was applied) or ``stale`` (an earlier batch is pending or changed) — ``dvc repro -P`` recomputes
 both — ``invalid`` (fails its checks: run ``editledger verify``) or ``unverified`` (after an
@@ -52,7 +53,7 @@ def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
         e = committed.get(d.name)
         if e is not None:
             row.update(id=e.id, active=e.id in active, approximate=e.approximate, created_at=e.manifest["created_at"],
-                       edit_s=sum(e.manifest["timings"].values()))
+                       edit_s=sum(e.manifest["timings"].values()), status=e.manifest["status"])
             try:
                 ev = read_evaluation(e)
             except LedgerCorruptError:
@@ -82,6 +83,7 @@ def summary_metrics(df: pd.DataFrame) -> dict:
     """Headline numbers for ``dvc metrics show``: counts, and the post-edit metrics of active batches."""
     edits = df[(df["kind"] == "edit") & (df["active"] == True)]  # noqa: E712  (nullable column)
     out = {"batches": int(len(df)), "committed": int((df["status"] == "committed").sum()),
+           "refused": int((df["status"] == "refused").sum()),
            "active_batches": int(len(edits)),
            "active_requests": int(edits["n_requests"].fillna(0).sum()),
            "approximate": bool(df["approximate"].fillna(False).iloc[-1]) if len(df) else False}
