@@ -168,6 +168,7 @@ class Harness:
         self.failures: list[str] = []
         self.launched = 0
         self._record = 0
+        self._points: dict[str, list[str]] = {}
 
     # -- the four steps of a cycle
     def _requests(self) -> Path:
@@ -225,6 +226,13 @@ class Harness:
             raise HarnessFailure(f"{step.label} failed without a kill ({code}): {p.stderr.read()[-1500:]}")
         return False
 
+    def _next_point(self, step: Step) -> str:
+        """The step's named points in a shuffled round robin: every point is hit, none twice in a row."""
+        queue = self._points.get(step.label)
+        if not queue:
+            queue = self._points[step.label] = self.rng.sample(step.points, len(step.points))
+        return queue.pop()
+
     def kill(self, step: Step) -> None:
         """One SIGKILL of ``step`` (at a random named point or after a random delay), then the checks.
         A process that finishes before its delay is not a kill: the cycle goes on from the new state
@@ -232,7 +240,7 @@ class Harness:
         st = self.stats[step.phase]
         before = ledger_files(self.ledger)
         mode = self.rng.choice(("point", "delay"))
-        point = self.rng.choice(step.points) if mode == "point" else None
+        point = self._next_point(step) if mode == "point" else None
         if not self._kill_once(step, mode, point):
             st.completed_before_kill += 1
             return
