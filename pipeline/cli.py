@@ -20,7 +20,9 @@ class UserError(Exception):
 
 
 def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    """One line on stderr (multi-line messages of libraries, e.g. YAML parse errors, are joined), exit 2."""
+    line = " | ".join(part.strip() for part in str(msg).splitlines() if part.strip())
+    typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
@@ -182,7 +184,7 @@ def add(
 def _add(requests_path, method, params_path, iterative=None, neighbors=None):
     from pipeline.editing.requests import load_requests
     from pipeline.ledger import add_edit
-    from pipeline.stages.common import check_covariance_config, resolve_hparams
+    from pipeline.stages.common import check_covariance_config, check_layers, resolve_hparams
 
     project = _project()
     cfg = project.params(params_path)
@@ -190,6 +192,7 @@ def _add(requests_path, method, params_path, iterative=None, neighbors=None):
     from pipeline.editing.neighbors import check_neighbor_requests
 
     spec, hp = resolve_hparams(project, cfg, method, iterative, neighbors)
+    check_layers(project, cfg, hp)
     check_covariance_config(cfg, spec, hp)
     reqs = load_requests(requests_path)
     check_neighbor_requests(reqs, hp.neighbors)
@@ -433,6 +436,11 @@ def stage_apply(batch: Path = typer.Option(Path("."), "--batch", help="the batch
     from pipeline.stages import apply as stage
 
     entry = _guard(stage.run, batch)
+    if entry.refused:
+        g = entry.metrics["guard"]
+        typer.echo(f"{entry.dirname}: REFUSED by the collapse guard (ME-PPL ratio {g['ratio']} > "
+                   f"{g['max_ppl_ratio']}); recorded as entry {entry.id}, the previous state stays active")
+        return
     typer.echo(f"{entry.dirname}: committed {entry.kind} entry {entry.id}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ DEFAULTS: dict[str, Any] = {
         "perplexity": {"max_length": 256},
         "seed": 0,
     },
+    # the apply stage's collapse guard: refuse a batch whose ME-PPL-50 perplexity exceeds this many
+    # times the base model's (recorded as a refused entry; docs/LEDGER.md); null = off
+    "guard": {"max_ppl_ratio": None},
 }
 
 
@@ -75,6 +79,10 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
     if not isinstance(cov["roles"], list) or not all(r in ("mlp_out", "attn_out") for r in cov["roles"]):
         raise ParamsError("covariance.roles must be a list of mlp_out / attn_out")
     _check_evaluation(params["evaluation"])
+    ratio = params["guard"]["max_ppl_ratio"]
+    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio)
+                              or ratio <= 0):
+        raise ParamsError(f"guard.max_ppl_ratio must be a finite number > 0 or null (off), got {ratio!r}")
     return params
 
 

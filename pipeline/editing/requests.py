@@ -133,10 +133,17 @@ def validate_request(req: EditRequest, where: str = "request") -> None:
 
 
 def validate_batch(requests: list[EditRequest]) -> None:
-    """Batch-level checks: non-empty, no duplicates, no contradicting requests."""
+    """Batch-level checks: non-empty, no duplicates, no contradicting requests.
+
+    Two requests contradict each other when they give one prompt two targets, or — with a known
+    relation — one (subject, relation) two objects through different prompt templates ("The
+    mother tongue of X is" → English, "X's native language is" → German): one batch cannot make
+    both true, and the optimisation would silently settle on a compromise.
+    """
     if not requests:
         raise RequestError("the batch holds no requests")
     seen: dict[tuple[str, str], tuple[int, str]] = {}
+    relations: dict[tuple[str, str], tuple[int, str]] = {}
     for i, r in enumerate(requests):
         key = (r.subject, r.prompt)
         if key in seen:
@@ -147,6 +154,12 @@ def validate_batch(requests: list[EditRequest]) -> None:
                 f"request {i}: conflicts with request {j}: {r.text!r} -> {r.target_new!r} vs {tgt!r}"
             )
         seen[key] = (i, r.target_new)
+        if r.relation_id is not None:
+            rel = (r.subject, r.relation_id)
+            j, tgt = relations.setdefault(rel, (i, r.target_new))
+            if tgt.strip() != r.target_new.strip():
+                raise RequestError(f"request {i}: conflicts with request {j}: subject {r.subject!r}, relation "
+                                   f"{r.relation_id}: {r.target_new!r} vs {tgt!r}")
 
 
 def parse_requests(data: Any) -> list[EditRequest]:
@@ -164,6 +177,8 @@ def load_requests(path: str | Path) -> list[EditRequest]:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise RequestError(f"cannot read requests file {p}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"{p}: not UTF-8 text (byte {exc.start}); a requests file is a JSON list") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

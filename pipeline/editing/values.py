@@ -375,60 +375,59 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
     init = {s: torch.zeros(N, dims[s], device=device, dtype=dtype) for s in sites}
     init_kl: torch.Tensor | None = None
     trace: list[dict] = []
-    bar = tqdm(total=hp.v_num_grad_steps, desc=f"values ({N} requests)", unit="step", disable=not progress)
-    for it in range(hp.v_num_grad_steps):
-        bar.update()
-        last = it == hp.v_num_grad_steps - 1
-        idx = torch.nonzero(active).squeeze(1)
-        done = torch.zeros(N, dtype=torch.bool)
-        opt.zero_grad(set_to_none=False)
-        for part in idx.split(hp.v_batch_requests):
-            in_part = torch.zeros(N, dtype=torch.bool)
-            in_part[part] = True
-            out = forward({s: delta[s][part.to(device)] for s in sites}, in_part)
-            if it == 0:  # δ = 0 here: the unedited values and distributions
+    with tqdm(total=hp.v_num_grad_steps, desc=f"values ({N} requests)", unit="step", disable=not progress) as bar:
+        for it in range(hp.v_num_grad_steps):
+            bar.update()
+            last = it == hp.v_num_grad_steps - 1
+            idx = torch.nonzero(active).squeeze(1)
+            done = torch.zeros(N, dtype=torch.bool)
+            opt.zero_grad(set_to_none=False)
+            for part in idx.split(hp.v_batch_requests):
+                in_part = torch.zeros(N, dtype=torch.bool)
+                in_part[part] = True
+                out = forward({s: delta[s][part.to(device)] for s in sites}, in_part)
+                if it == 0:  # δ = 0 here: the unedited values and distributions
+                    for s in sites:
+                        init[s][part.to(device)] = out.site_init[s].detach().to(dtype)
+                    kl0 = F.log_softmax(out.kl_logits.float(), -1).detach()
+                    if init_kl is None:
+                        init_kl = torch.zeros(N, kl0.shape[-1], device=device)
+                    init_kl[part.to(device)] = kl0
+                loss, nll, kl, wd, misses, nb_nll = _request_losses(forward, out, part, delta, init, init_kl, nll_w, hp)
+                if not torch.isfinite(loss).all():
+                    bad = part[~torch.isfinite(loss).cpu()].tolist()
+                    raise OptimisationError(f"non-finite loss at step {it} for request(s) {bad}; lower v_lr or check the model")
+                rec = torch.stack([loss, nll, kl, wd, nll_w[part.to(device)], misses, nb_nll]).detach().cpu().tolist()
+                norms = {s: delta[s][part.to(device)].detach().norm(dim=-1).cpu().tolist() for s in sites}
+                for k, r in enumerate(part.tolist()):
+                    trace.append({"request": r, "step": it, "loss": rec[0][k], "nll": rec[1][k], "kl": rec[2][k],
+                                  "weight_decay": rec[3][k], "nll_weight": rec[4][k], "argmax": rec[5][k] == 0,
+                                  **({"neighbor_nll": rec[6][k]} if p.neighbor is not None and bool(p.neighbor.any()) else {}),
+                                  **{f"norm_{s}": norms[s][k] for s in sites}})
+                # stopping rules, decided before the step (as the reference code does)
+                stop = (loss < hp.loss_stop).cpu()
+                if hp.nll_weight_after_argmax is not None:
+                    reached = (misses == 0).cpu()
+                    nll_w[part[reached].to(device)] = hp.nll_weight_after_argmax
+                    stop |= reached & (kl <= hp.kl_stop).cpu()
+                done[part[stop]] = True
+                if not last and not stop.all():
+                    loss[~stop.to(device)].sum().backward()
+            steps[idx] = it
+            active &= ~done
+            if last or not active.any():
+                break
+            frozen = {s: delta[s].detach()[~active.to(device)].clone() for s in sites}
+            opt.step()
+            with torch.no_grad():
                 for s in sites:
-                    init[s][part.to(device)] = out.site_init[s].detach().to(dtype)
-                kl0 = F.log_softmax(out.kl_logits.float(), -1).detach()
-                if init_kl is None:
-                    init_kl = torch.zeros(N, kl0.shape[-1], device=device)
-                init_kl[part.to(device)] = kl0
-            loss, nll, kl, wd, misses, nb_nll = _request_losses(forward, out, part, delta, init, init_kl, nll_w, hp)
-            if not torch.isfinite(loss).all():
-                bad = part[~torch.isfinite(loss).cpu()].tolist()
-                raise OptimisationError(f"non-finite loss at step {it} for request(s) {bad}; lower v_lr or check the model")
-            rec = torch.stack([loss, nll, kl, wd, nll_w[part.to(device)], misses, nb_nll]).detach().cpu().tolist()
-            norms = {s: delta[s][part.to(device)].detach().norm(dim=-1).cpu().tolist() for s in sites}
-            for k, r in enumerate(part.tolist()):
-                trace.append({"request": r, "step": it, "loss": rec[0][k], "nll": rec[1][k], "kl": rec[2][k],
-                              "weight_decay": rec[3][k], "nll_weight": rec[4][k], "argmax": rec[5][k] == 0,
-                              **({"neighbor_nll": rec[6][k]} if p.neighbor is not None and bool(p.neighbor.any()) else {}),
-                              **{f"norm_{s}": norms[s][k] for s in sites}})
-            # stopping rules, decided before the step (as the reference code does)
-            stop = (loss < hp.loss_stop).cpu()
-            if hp.nll_weight_after_argmax is not None:
-                reached = (misses == 0).cpu()
-                nll_w[part[reached].to(device)] = hp.nll_weight_after_argmax
-                stop |= reached & (kl <= hp.kl_stop).cpu()
-            done[part[stop]] = True
-            if not last and not stop.all():
-                loss[~stop.to(device)].sum().backward()
-        steps[idx] = it
-        active &= ~done
-        if last or not active.any():
-            break
-        frozen = {s: delta[s].detach()[~active.to(device)].clone() for s in sites}
-        opt.step()
-        with torch.no_grad():
-            for s in sites:
-                d = delta[s]
-                d[~active.to(device)] = frozen[s]
-                max_norm = site_coefficients(hp, s)[0] * init[s].norm(dim=-1)
-                norms = d.norm(dim=-1)
-                scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-                d.mul_(scale[:, None])
-                if not torch.isfinite(d).all():
-                    raise OptimisationError(f"non-finite δ at step {it}; lower v_lr or check the model")
-    bar.close()
+                    d = delta[s]
+                    d[~active.to(device)] = frozen[s]
+                    max_norm = site_coefficients(hp, s)[0] * init[s].norm(dim=-1)
+                    norms = d.norm(dim=-1)
+                    scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+                    d.mul_(scale[:, None])
+                    if not torch.isfinite(d).all():
+                        raise OptimisationError(f"non-finite δ at step {it}; lower v_lr or check the model")
     final = {s: delta[s].detach() for s in sites}
     return ValueResult(targets={s: init[s] + final[s] for s in sites}, init=init, deltas=final, steps=steps + 1, trace=trace)

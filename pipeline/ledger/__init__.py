@@ -1,7 +1,7 @@
 """The append-only edit ledger: batch directories, entries, hash chain, verify, replay, revert, drop, diff.
 
-Modules, one job each: ``atomic`` (durable writes, canonical JSON, hashes), ``lock`` (single
-writer), ``layout`` (file and directory names), ``batch`` (add-time inputs of a batch directory:
+Modules, one job each: ``atomic`` (durable writes, canonical JSON, hashes), ``faults`` (crash and
+pause injection at named points of the write path, for tests), ``lock`` (single writer), ``layout`` (file and directory names), ``batch`` (add-time inputs of a batch directory:
 batch.yaml, requests.parquet, dvc.yaml), ``entry`` (schema, ids, manifest), ``chain`` (which deltas
 are active after each entry), ``weights`` (replaying deltas, fingerprints), ``store`` (reading the
 committed chain), ``commit`` (what the apply/evaluate stages write), ``append`` (adding batches, and

@@ -164,6 +164,9 @@ def plan_drop(chain: list[Entry], states: list[ChainState], target: str, mode: s
         raise PendingDropError(_pending_message(cur.pending, chain))
     if t.kind != "edit":
         raise LedgerError(f"only edit entries can be dropped; {label(t)} is a {t.kind}")
+    if t.refused:
+        raise NotActiveError(f"{label(t)} was refused by the collapse guard: it never was active, there is nothing "
+                             "to drop")
     if t.id not in cur.active:
         who = next((e for e, s in zip(chain[t.seq:], states[t.seq:]) if t.id not in s.active), None)
         by = f" (removed by {label(who)})" if who else ""

@@ -18,13 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from pipeline.data import sha256_file  # noqa: F401  (re-exported: the ledger hashes files with it)
+from pipeline.ledger.faults import fault_point
+
+# ``.<name>.tmp-<pid>-<8 hex>``: the temporary file of an atomic write by process <pid>.
+_TEMP_RE = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 def canonical_json(obj: Any) -> str:
@@ -82,7 +88,9 @@ def write_bytes(path: str | Path, data: bytes, *, exclusive: bool = False) -> st
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"tmp:{p.name}")
         os.replace(tmp, p)
+        fault_point(f"renamed:{p.name}")
     except BaseException:
         try:
             os.unlink(tmp)
@@ -91,6 +99,37 @@ def write_bytes(path: str | Path, data: bytes, *, exclusive: bool = False) -> st
         raise
     fsync_dir(p.parent)
     return sha256_bytes(data)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str | Path) -> list[str]:
+    """Delete the temporary files that atomic writes of dead processes left in ``directory``.
+
+    A writer killed between writing its temp file and the rename leaves ``.<name>.tmp-<pid>-…``
+    behind.  Such a file is never read (readers only open final names), but it would stay as
+    clutter forever, so whoever writes into the directory next removes it.  Only files whose
+    writer is gone are touched: a live process may be about to rename its file.  (A recycled pid
+    keeps a stale file until a later attempt: harmless.)  Returns the names removed.
+    """
+    removed = []
+    for p in Path(directory).iterdir():
+        m = _TEMP_RE.match(p.name)
+        if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
 
 
 def write_text(path: str | Path, text: str, *, exclusive: bool = False) -> str:

@@ -12,7 +12,7 @@ fields, because evaluation needs the paraphrase and neighbourhood prompts.
 
 The directory is created atomically: everything is written and fsync'ed in a temporary directory
 inside the ledger, which is then renamed into place.  A crash leaves at most an ignored
-``.tmp-*`` directory, never a half-written batch.
+``.tmp-*`` directory (removed by the next writer), never a half-written batch.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pipeline.editing.requests import EditRequest, parse_requests
 from pipeline.ledger import atomic
 from pipeline.ledger.entry import BASE, DROP_MODES, KINDS
 from pipeline.ledger.errors import LedgerError
+from pipeline.ledger.faults import fault_point
 from pipeline.ledger.layout import (BATCH_FILE, DELTAS_FILE, DIR_RE, DVC_FILE, ENTRY_FILE, EVAL_FILE, KV_FILE,
                                     METRICS_FILE, REQUESTS_FILE, STATE_FILE, TMP_PREFIX, TRACE_FILE, dirname)
 
@@ -233,7 +234,9 @@ def dvc_stages(batch: Batch) -> dict:
     return {"stages": {
         "keys_values": {"cmd": "editledger stage keys-values --batch .", "deps": kv_deps, "outs": [KV_FILE, TRACE_FILE]},
         "apply": {"cmd": "editledger stage apply --batch .",
-                  "deps": [*upstream, model, BATCH_FILE, REQUESTS_FILE, KV_FILE, "../../data/covariance"],
+                  "deps": [*upstream, model, BATCH_FILE, REQUESTS_FILE, KV_FILE, "../../data/covariance",
+                           "../../data/me_ppl_50.parquet"],  # the collapse guard's texts
+                  "params": [{"../../params.yaml": ["guard"]}],  # its threshold decides what is applied
                   "outs": [ENTRY_FILE, DELTAS_FILE, STATE_FILE]},
         # the evaluation also reads the earlier active batches' requests (retention), pinned by
         # state.json through the chain of entry ids, and its settings in the root params.yaml
@@ -274,6 +277,7 @@ def write_batch_dir(ledger_dir: str | Path, batch: Batch, requests: Sequence[Edi
     if final.exists():
         raise LedgerError(f"{final} already exists and ledger directories are never replaced")
     ledger.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_tmp_dirs(ledger)
     tmp = ledger / f"{TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
     atomic.make_dir(tmp)
     try:
@@ -282,7 +286,9 @@ def write_batch_dir(ledger_dir: str | Path, batch: Batch, requests: Sequence[Edi
             atomic.write_parquet(tmp / REQUESTS_FILE, requests_frame(requests))
         atomic.write_text(tmp / DVC_FILE, dvc_yaml(batch))
         atomic.fsync_dir(tmp)
+        fault_point("batch:before-rename")
         os.rename(tmp, final)
+        fault_point("batch:renamed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -290,5 +296,17 @@ def write_batch_dir(ledger_dir: str | Path, batch: Batch, requests: Sequence[Edi
     return final
 
 
-__all__ = ["Batch", "BatchError", "dvc_stages", "dvc_yaml", "read_batch", "read_requests", "requests_frame",
-           "write_batch_dir"]
+def remove_abandoned_tmp_dirs(ledger_dir: str | Path) -> list[str]:
+    """Delete ``ledger/.tmp-*`` directories: with the writer lock held (the caller's duty) they can
+    only be left over from a writer that was killed before its rename.  Readers ignore them anyway;
+    this keeps a ledger that survived crashes free of clutter."""
+    removed = []
+    for p in Path(ledger_dir).iterdir():
+        if p.name.startswith(TMP_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+__all__ = ["Batch", "BatchError", "dvc_stages", "dvc_yaml", "read_batch", "read_requests", "remove_abandoned_tmp_dirs",
+           "requests_frame", "write_batch_dir"]

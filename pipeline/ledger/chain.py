@@ -8,6 +8,7 @@ Replaying the same operations in the same order reproduces the weights bit for b
 Rules (``prev`` is the state before the entry):
 
 * edit ``E``: ``prev.ops + [(E, +1)]``.  Each edit's delta was computed on exactly ``prev``.
+  An edit the collapse guard refused leaves the state as it was (``prev``).
 * revert to ``T``: the ops of the state after ``T`` (``()`` for the base).
 * drop fast ``X``: ``prev.ops + [(X, -1)]`` — approximate.
 * drop exact ``X``: ``keep`` = the longest leading run of ``+1`` ops whose entries stay active;
@@ -42,6 +43,7 @@ class EntryLike(Protocol):
     requests: list
     method: str | None
     hparams: dict | None
+    refused: bool  # an edit the collapse guard refused (optional on look-alikes: read with getattr)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ def step(prev: ChainState, entry: EntryLike, states: Mapping[str, ChainState],
             if entry.reapplies is not None:
                 raise ChainError(f"re-applies {entry.reapplies[:12]} but no exact drop is in progress")
             pending = None
+        if getattr(entry, "refused", False):
+            return ChainState(prev.ops, pending)
         return ChainState(prev.ops + ((entry.id, 1),), pending)
 
     if entry.kind == "revert":

@@ -29,9 +29,10 @@ from pipeline.editing.engine import apply_deltas
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import Batch, read_batch, read_requests
 from pipeline.ledger.chain import EMPTY, ChainError, ChainState, exact_drop_plan, step
-from pipeline.ledger.entry import (BASE, SCHEMA, Entry, build_manifest, drop_content, edit_content, entry_id,
-                                   revert_content, seal)
+from pipeline.ledger.entry import (BASE, SCHEMA, STATUS_REFUSED, Entry, build_manifest, content_status,
+                                   drop_content, edit_content, entry_id, revert_content, seal)
 from pipeline.ledger.errors import (BaseMismatchError, LedgerCorruptError, LedgerError, StateMismatchError)
+from pipeline.ledger.faults import fault_point
 from pipeline.ledger.layout import (DELTAS_FILE, ENTRY_FILE, EVAL_FILE, METRICS_FILE, RECORDED_FILES, STATE_FILE)
 from pipeline.ledger.store import dtype_name, load, load_deltas
 from pipeline.ledger.weights import Replayer, fingerprint_record
@@ -84,6 +85,7 @@ def open_batch(batch_dir: str | Path) -> Pending:
         raise LedgerError(f"{path.name} is already committed; the ledger never rewrites an entry")
     batch = read_batch(path)
     chain, states = load(path.parent, upto=batch.parent) if batch.parent else ([], [])
+    atomic.remove_stale_temps(path)  # of an attempt that was killed mid-write
     return Pending(path, batch, chain, states)
 
 
@@ -98,6 +100,7 @@ def _plan(p: Pending, content: dict) -> ChainState:
 
 def _write_state(path: Path, manifest: dict) -> str:
     """The commit point: ``state.json`` appears atomically, and only after every other file."""
+    fault_point("commit:before-state")
     return atomic.write_json(path, manifest, exclusive=True)
 
 
@@ -142,14 +145,28 @@ def check_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> dict[s
     return out
 
 
+def check_finite_after(model: nn.Module, names: Mapping[str, Any], where: str) -> None:
+    """Finite deltas can still overflow the weights they are added to (``W + Δ`` = inf): such a
+    state would be recorded, replayed bit for bit, and be garbage.  Refuse it before the commit."""
+    params = dict(model.named_parameters())
+    bad = [n for n in names if not torch.isfinite(params[n]).all()]
+    if bad:
+        raise LedgerError(f"{where}: adding the deltas makes {', '.join(bad)} non-finite (overflow); the batch is "
+                          "not committed and the previous state stays active")
+
+
 @torch.no_grad()
 def commit_edit(batch_dir: str | Path, *, base_fingerprint: str, covariance_ids: Mapping[str, str] | None,
                 deltas: Mapping[str, torch.Tensor], model: nn.Module, timings: Mapping[str, float] | None = None,
-                metrics: Mapping[str, Any] | None = None, apply: bool = False) -> Entry:
+                metrics: Mapping[str, Any] | None = None, apply: bool = False,
+                guard: Mapping[str, Any] | None = None) -> Entry:
     """Commit an edit batch whose ``deltas`` were computed on ``model`` in the parent state.
 
     The model's fingerprint must be the parent's recorded 'after' fingerprint; the deltas are
     added to fingerprint the new state, and the model is left edited (``apply``) or restored.
+    ``guard`` is the collapse guard's decision (``{"max_ppl_ratio", "refused"}``, see
+    :func:`pipeline.ledger.entry.edit_content`); a refused batch is committed with its deltas
+    but leaves the weights (and the recorded 'after' fingerprints) as they were.
     """
     p = open_batch(batch_dir)
     b = p.batch
@@ -159,7 +176,8 @@ def commit_edit(batch_dir: str | Path, *, base_fingerprint: str, covariance_ids:
     deltas = check_deltas(model, deltas)
     reapplies = p.entry_in(b.reapplies).id if b.reapplies else None
     content = edit_content(p.parent.id if p.parent else None, base_fp, read_requests(p.path), b.method, b.hparams,
-                           covariance_ids, reapplies)
+                           covariance_ids, reapplies, guard)
+    refused = content_status(content) == STATUS_REFUSED
     t0 = time.perf_counter()
     before = fingerprint_record(model, deltas)
     if before["model"] != p.current_fingerprint(base_fp):
@@ -170,7 +188,11 @@ def commit_edit(batch_dir: str | Path, *, base_fingerprint: str, covariance_ids:
     keep = False
     try:
         apply_deltas(model, deltas, 1)
-        after = fingerprint_record(model, deltas)
+        check_finite_after(model, deltas, p.path.name)
+        if refused:
+            for n, value in originals.items():
+                params[n].copy_(value)
+        after = before if refused else fingerprint_record(model, deltas)
         entry = _commit(p, content, fingerprints={"before": before, "after": after}, deltas=deltas,
                         timings={**(timings or {}), "fingerprint_s": time.perf_counter() - t0}, metrics=metrics)
         keep = apply
@@ -252,5 +274,5 @@ def write_evaluation(entry: Entry, rows: pd.DataFrame, doc: Mapping[str, Any]) -
     return sealed
 
 
-__all__ = ["Pending", "check_deltas", "commit_drop", "commit_edit", "commit_revert", "open_batch",
+__all__ = ["Pending", "check_deltas", "check_finite_after", "commit_drop", "commit_edit", "commit_revert", "open_batch",
            "write_evaluation"]

@@ -22,8 +22,9 @@ Kinds
 sequence number, directory name, the sha256 of every other file of the entry that exists at that
 point (the add-time inputs, the keys/values outputs, ``entry.json``, the deltas), weight
 fingerprints before and after, library versions, timings, edit diagnostics (``metrics``) and
-status, and ends with ``digest`` = sha256 of its own canonical JSON without ``digest``, so that
-any change to it is detectable without an outside reference.  ``metrics.json`` (written later by
+status (``committed``, or ``refused`` for an edit the collapse guard kept out of the state — see
+``guard`` in the content), and ends with ``digest`` = sha256 of its own canonical JSON without
+``digest``, so that any change to it is detectable without an outside reference.  ``metrics.json`` (written later by
 the evaluate stage) is sealed the same way and names the entry id it evaluates.
 """
 
@@ -44,6 +45,7 @@ KINDS = ("edit", "revert", "drop")
 DROP_MODES = ("exact", "fast")
 BASE = "base"  # revert target meaning "the base model, no edits"
 STATUS_COMMITTED = "committed"
+STATUS_REFUSED = "refused"  # an edit the collapse guard refused: recorded, never applied
 
 _ID_RE = re.compile(r"^[0-9a-f]{64}$")
 _REQUEST_KEYS = ("subject", "prompt", "target_new", "target_true", "relation_id", "case_id")
@@ -94,14 +96,21 @@ def _plain(obj: Any, what: str) -> Any:
 
 def edit_content(parent: str | None, base_fingerprint: str, requests: Iterable[Any], method: str,
                  hparams: Mapping[str, Any] | Any, covariance_ids: Mapping[str, str] | None,
-                 reapplies: str | None = None) -> dict:
-    """The hashed content of an edit entry (``hparams`` may be an ``HParams`` or a dict)."""
+                 reapplies: str | None = None, guard: Mapping[str, Any] | None = None) -> dict:
+    """The hashed content of an edit entry (``hparams`` may be an ``HParams`` or a dict).
+
+    ``guard`` (``{"max_ppl_ratio", "refused"}``) is present only when the collapse guard judged the
+    batch: whether it was applied is part of the history, so it is part of the id.  Without it the
+    content (and the id) is exactly what it was before the guard existed.
+    """
     hp = hparams.to_dict() if hasattr(hparams, "to_dict") else hparams
     content = {
         "schema": SCHEMA, "kind": "edit", "parent": parent, "base_fingerprint": base_fingerprint,
         "requests": canonical_requests(requests), "method": method, "hparams": _plain(dict(hp or {}), "hparams"),
         "covariance_ids": _plain(dict(covariance_ids or {}), "covariance_ids"), "reapplies": reapplies,
     }
+    if guard is not None:
+        content["guard"] = _plain(dict(guard), "guard")
     validate_content(content)
     return content
 
@@ -133,6 +142,9 @@ def validate_content(content: Any) -> None:
     if kind not in KINDS:
         raise EntrySchemaError(f"unknown entry kind {kind!r}; expected one of {KINDS}")
     keys = set(content)
+    if kind == "edit" and "guard" in keys:
+        _validate_guard(content)
+        keys = keys - {"guard"}
     if keys != _CONTENT_KEYS[kind]:
         missing, extra = _CONTENT_KEYS[kind] - keys, keys - _CONTENT_KEYS[kind]
         raise EntrySchemaError(f"{kind} entry fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
@@ -176,6 +188,17 @@ def validate_content(content: Any) -> None:
             raise EntrySchemaError("a drop cannot be the first entry")
 
 
+def _validate_guard(content: dict) -> None:
+    g = content["guard"]
+    if not isinstance(g, dict) or set(g) != {"max_ppl_ratio", "refused"}:
+        raise EntrySchemaError("guard must be an object with exactly max_ppl_ratio and refused")
+    r = g["max_ppl_ratio"]
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0 or not isinstance(g["refused"], bool):
+        raise EntrySchemaError("guard.max_ppl_ratio must be a number > 0 and guard.refused a boolean")
+    if g["refused"] and content.get("reapplies") is not None:
+        raise EntrySchemaError("a re-application batch is never refused by the guard")
+
+
 # ---------------------------------------------------------------------------------------- manifest
 
 def library_versions() -> dict[str, str | None]:
@@ -208,6 +231,11 @@ def seal(doc: Mapping[str, Any]) -> dict:
     return out
 
 
+def content_status(content: Mapping[str, Any]) -> str:
+    """``refused`` for an edit the collapse guard refused, else ``committed``."""
+    return STATUS_REFUSED if (content.get("guard") or {}).get("refused") else STATUS_COMMITTED
+
+
 def build_manifest(*, content: Mapping[str, Any], seq: int, dirname: str, files: Mapping[str, str], deltas: dict | None,
                    fingerprints: dict, approximate: bool, active: list[str], timings: Mapping[str, float] | None,
                    metrics: Mapping[str, Any] | None) -> dict:
@@ -215,7 +243,8 @@ def build_manifest(*, content: Mapping[str, Any], seq: int, dirname: str, files:
     manifest = {
         "schema": SCHEMA, "id": entry_id(content), "seq": seq, "dir": dirname, "kind": content["kind"],
         "parent": content["parent"],
-        "status": STATUS_COMMITTED, "approximate": bool(approximate), "active": list(active), "files": dict(files),
+        "status": content_status(content), "approximate": bool(approximate), "active": list(active),
+        "files": dict(files),
         "deltas": deltas, "fingerprints": fingerprints, "versions": library_versions(),
         "timings": {k: float(v) for k, v in (timings or {}).items()},
         "metrics": _plain(dict(metrics), "metrics") if metrics is not None else None,
@@ -235,8 +264,8 @@ def check_manifest(manifest: Any) -> None:
                                f"unexpected {sorted(keys - _MANIFEST_KEYS)}")
     if manifest["digest"] != manifest_digest(manifest):
         raise EntrySchemaError("state.json digest does not match its content")
-    if manifest["status"] != STATUS_COMMITTED:
-        raise EntrySchemaError(f"status is {manifest['status']!r}, not {STATUS_COMMITTED!r}")
+    if manifest["status"] not in (STATUS_COMMITTED, STATUS_REFUSED):
+        raise EntrySchemaError(f"status is {manifest['status']!r}, not {STATUS_COMMITTED!r} or {STATUS_REFUSED!r}")
     if not is_id(manifest["id"]) or not isinstance(manifest["seq"], int) or manifest["seq"] < 1:
         raise EntrySchemaError("state.json id/seq malformed")
     if not isinstance(manifest["files"], dict) or not {"entry.json", "batch.yaml"} <= set(manifest["files"]):
@@ -294,6 +323,11 @@ class Entry:
         return self.content.get("reapplies")
 
     @property
+    def refused(self) -> bool:
+        """An edit the collapse guard refused: recorded with its deltas, never part of a state."""
+        return content_status(self.content) == STATUS_REFUSED
+
+    @property
     def target(self) -> str | None:
         return self.content.get("target")
 
@@ -339,7 +373,7 @@ class Entry:
         if self.kind == "edit":
             out.update(method=self.method, n_requests=len(self.requests), requests=self.requests,
                        hparams=self.hparams, covariance_ids=self.covariance_ids, reapplies=self.reapplies,
-                       deltas=self.delta_params)
+                       deltas=self.delta_params, status=self.manifest["status"], guard=self.content.get("guard"))
         else:
             out.update(target=self.target, target_dir=self.batch.target if self.batch is not None else None)
             if self.kind == "drop":

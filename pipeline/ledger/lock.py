@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from pipeline.ledger.errors import LedgerLockedError
+from pipeline.ledger.faults import fault_point
 
 LOCK_FILE = ".lock"
 
@@ -62,6 +63,7 @@ class LedgerLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        fault_point("lock:acquired")
         return self
 
     def release(self) -> None:
@@ -69,6 +71,9 @@ class LedgerLock:
             return
         fd, self._fd = self._fd, None
         try:
+            # Forget the pid before unlocking: a writer that finished (or was refused) leaves the
+            # lock file as it found it, so a refused command changes no file at all.
+            os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)

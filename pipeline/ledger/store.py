@@ -22,7 +22,8 @@ import torch
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import BatchError, read_batch
 from pipeline.ledger.chain import EMPTY, ChainError, ChainState, PendingDrop, step
-from pipeline.ledger.entry import BASE, Entry, check_manifest, entry_id, manifest_digest, validate_content
+from pipeline.ledger.entry import (BASE, Entry, check_manifest, content_status, entry_id, manifest_digest,
+                                   validate_content)
 from pipeline.ledger.errors import (AmbiguousIdError, EntrySchemaError, LedgerCorruptError, LedgerError,
                                     UnknownEntryError)
 from pipeline.ledger.layout import (BATCH_FILE, DELTAS_FILE, DIR_RE, ENTRY_FILE, EVAL_FILE, METRICS_FILE,
@@ -88,6 +89,8 @@ def read_entry(d: EntryDir, *, check_files: bool = False) -> Entry:
         raise bad(f"{ENTRY_FILE} does not hash to the entry id")
     if manifest["kind"] != content["kind"] or manifest["parent"] != content["parent"]:
         raise bad("state.json kind/parent differ from entry.json")
+    if manifest["status"] != content_status(content):
+        raise bad(f"state.json status {manifest['status']!r} contradicts the guard decision in entry.json")
     if atomic.sha256_bytes(_read_bytes(d.path, BATCH_FILE, d.name, eid)) != files[BATCH_FILE]:
         raise bad(f"{BATCH_FILE} does not match its sha256 in the manifest (inputs changed after the entry was "
                   "applied: `dvc repro -P` recomputes it and the batches after it)")
@@ -209,6 +212,8 @@ def walk(ledger_dir: str | Path, *, check_files: bool = False, missing_ok: bool 
         before_fp = prev.fingerprints["after"]["model"] if prev else e.base_fingerprint
         if e.fingerprints["before"]["model"] != before_fp:
             raise bad("its 'before' weight fingerprint is not the previous state's")
+        if e.refused and e.fingerprints["after"] != e.fingerprints["before"]:
+            raise bad("a refused batch must leave the weights as they were ('after' differs from 'before')")
         try:
             state = step(state, e, states, by_id)
         except ChainError as exc:

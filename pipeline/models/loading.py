@@ -162,6 +162,19 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return p
 
 
+def check_tokenizer(tokenizer, model: nn.Module, where: Path) -> None:
+    """Refuse a tokenizer that can produce ids the model has no embedding for.
+
+    The fingerprint covers the weights and config, not the tokenizer files, so a tokenizer copied
+    in from another model would otherwise load fine and fail (or, with a smaller vocabulary,
+    silently edit other tokens) only when an unlucky prompt is tokenised.
+    """
+    n_tok, n_emb = len(tokenizer), model.get_input_embeddings().num_embeddings
+    if n_tok > n_emb:
+        raise ModelLoadError(f"{where}: the tokenizer has {n_tok} tokens but the model embeds only {n_emb}: the "
+                             "tokenizer files do not belong to these weights")
+
+
 def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a causal LM and its tokenizer for editing (eval mode, no parameter gradients)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -170,11 +183,19 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: str =
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ModelLoadError(f"unknown dtype {dtype!r}")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a local load takes seconds; its bar would garble one-line errors
     try:
         tokenizer = AutoTokenizer.from_pretrained(p)
         model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the model at {p}: {exc}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    check_tokenizer(tokenizer, model, p)
     model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, path=p, fingerprint=model_fingerprint(model))

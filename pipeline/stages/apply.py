@@ -2,8 +2,10 @@
 
 * edit: materialise the parent state again, load the targets from ``keys_values.parquet`` and the
   covariances from ``data/covariance`` (keyed on the *base* model's fingerprint, so every batch
-  reuses the same ones), run phase 2 of the engine (:func:`pipeline.editing.engine.spread_targets`)
-  and commit the deltas;
+  reuses the same ones), run phase 2 of the engine (:func:`pipeline.editing.engine.spread_targets`),
+  let the collapse guard judge the result if ``guard.max_ppl_ratio`` is set
+  (:mod:`pipeline.stages.guard`: a refused batch is committed as refused and changes no weights),
+  and commit the deltas.  A non-finite update stops the batch before anything is written;
 * revert: commit the target state's recorded fingerprints (no weights are computed);
 * drop: rebuild the new state from the base (exact) or subtract the batch's delta (fast), commit.
 
@@ -22,9 +24,11 @@ from pipeline.editing.iterate import run_edit
 from pipeline.editing.hparams import HParams
 from pipeline.ledger import commit_drop, commit_edit, commit_revert, read_batch
 from pipeline.ledger.entry import Entry
-from pipeline.ledger.layout import KV_FILE
+from pipeline.ledger.layout import KV_FILE, STATE_FILE
+from pipeline.ledger.store import load
 from pipeline.models.adapters import adapter_for
 from pipeline.stages.common import Project, StageError, base_model, corpus, needed_covariances, open_edit_batch
+from pipeline.stages.guard import judge
 from pipeline.stages.keys_values import read_passes
 
 
@@ -63,24 +67,39 @@ def apply_edit(batch_dir: Path) -> Entry:
     covs, ids = cached_covariances(eb.project, lm, targets, hp)
     timings["covariance_load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if spec.joint and not hp.iterative:
-        deltas, layers = spread_targets(model, tok, adapter_for(model), reqs, meta["prefixes"], spec, hp, values, covs,
-                                        apply=False)
-    else:  # replay the recorded passes' spreads, in order (iterative editing, separate optimisation)
-        run = run_edit(model, tok, adapter_for(model), reqs, meta["prefixes"], spec, hp, covs, apply=False,
-                       stored=passes)
-        deltas, layers = run.deltas, run.layers
+    try:
+        if spec.joint and not hp.iterative:
+            deltas, layers = spread_targets(model, tok, adapter_for(model), reqs, meta["prefixes"], spec, hp, values,
+                                            covs, apply=False)
+        else:  # replay the recorded passes' spreads, in order (iterative editing, separate optimisation)
+            run = run_edit(model, tok, adapter_for(model), reqs, meta["prefixes"], spec, hp, covs, apply=False,
+                           stored=passes)
+            deltas, layers = run.deltas, run.layers
+    except FloatingPointError as exc:
+        raise StageError(f"{eb.dir.name}: {exc}; the batch is not committed and the previous state stays "
+                         "active") from None
     timings["spread_s"] = time.perf_counter() - t0
+    metrics = {"steps": sum(v.steps for v in passes).tolist(), "layers": layers,
+               **({"iterations": meta["iterations"]} if meta.get("iterations") else {}),
+               **({"editing_neighbors": meta["editing_neighbors"]} if meta.get("editing_neighbors") else {})}
+    decision = None
+    max_ratio = eb.project.params()["guard"]["max_ppl_ratio"]
+    if max_ratio is not None and eb.batch.reapplies is None:
+        t0 = time.perf_counter()
+        chain = load(eb.project.ledger, upto=eb.batch.parent)[0] if eb.batch.parent else []
+        verdict = judge(eb.project, max_ratio, model, tok, deltas, chain, lm.fingerprint)
+        decision, metrics["guard"] = verdict.decision(), verdict.record()
+        timings["guard_s"] = time.perf_counter() - t0
     return commit_edit(eb.dir, base_fingerprint=lm.fingerprint, model=model, deltas=deltas,
                        covariance_ids={f"{r}@{layer}": ids[(r, layer)] for r, layer in targets},
-                       timings={**meta["timings"], **timings},
-                       metrics={"steps": sum(v.steps for v in passes).tolist(), "layers": layers,
-                                **({"iterations": meta["iterations"]} if meta.get("iterations") else {}),
-                                **({"editing_neighbors": meta["editing_neighbors"]} if meta.get("editing_neighbors") else {})})
+                       timings={**meta["timings"], **timings}, metrics=metrics, guard=decision)
 
 
 def run(batch_dir: str | Path) -> Entry:
     batch_dir = Path(batch_dir).resolve()
+    if (batch_dir / STATE_FILE).exists():  # refused before any work (the commit would refuse it anyway)
+        raise StageError(f"{batch_dir.name} is already committed; the ledger never rewrites an entry (`dvc repro` "
+                         "deletes a stage's outputs before it reruns one)")
     project = Project.of_batch(batch_dir)
     batch = read_batch(batch_dir)
     if batch.kind == "edit":

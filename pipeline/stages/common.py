@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import load_params
+from pipeline.data import sha256_file
 from pipeline.editing.covariance import Corpus
 from pipeline.editing.hparams import HParams, load_hparams
 from pipeline.editing.methods import Method, get_method
-from pipeline.models.loading import LoadedModel, load_model
+from pipeline.models.loading import GGUF_SOURCES, LoadedModel, load_model
 
 CORPUS = Path("data/wikitext/wikitext2_raw_test.txt")  # the data stage's verified copy
 
@@ -98,6 +99,34 @@ def check_covariance_config(cfg: dict, spec: Method, hp: HParams) -> None:
                          f"{cfg['covariance']['roles']}: add them under `covariance:` (then `dvc repro -P`)")
 
 
+def model_layers(project: Project, cfg: dict) -> int | None:
+    """How many layers the base model has, without loading it: from ``data/model.json`` (the model
+    stage's record) or else the ``config.json`` of a local ``model.path``; None if neither exists."""
+    try:
+        return int(json.loads(project.model_json.read_text())["n_layers"])
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    path = cfg["model"]["path"]
+    if path is None or path in GGUF_SOURCES:
+        return None
+    try:
+        config = json.loads((project.path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # the model stage reports a missing or broken model directory
+    n = config.get("num_hidden_layers", (config.get("text_config") or {}).get("num_hidden_layers"))
+    return n if isinstance(n, int) else None
+
+
+def check_layers(project: Project, cfg: dict, hp: HParams) -> None:
+    """Refuse, at add time, hyper-parameters that edit layers the model does not have (the stages
+    would only find out after loading the model, and DVC would have a failing batch to carry)."""
+    n = model_layers(project, cfg)
+    bad = [layer for layer in hp.layers if n is not None and layer >= n]
+    if bad:
+        raise StageError(f"hyper-parameter layers {list(hp.layers)}: layer(s) {bad} out of range, the base model has "
+                         f"layers 0..{n - 1}")
+
+
 def corpus(project: Project, cfg: dict) -> Corpus:
     path = project.path(cfg["corpus"]["path"]) if cfg["corpus"]["path"] else project.root / CORPUS
     if not path.exists():
@@ -111,6 +140,15 @@ def base_model(project: Project, device: str | None = None) -> LoadedModel:
         info = json.loads(project.model_json.read_text())
     except FileNotFoundError:
         raise StageError(f"no base model at {project.model_dir}: run `dvc repro -P` (stage model) first") from None
+    except ValueError:  # not JSON (any more)
+        info = None
+    if not isinstance(info, dict) or not {"fingerprint", "dtype"} <= set(info):
+        raise StageError(f"{project.model_json} is damaged; run `dvc checkout` or `dvc repro -P`")
+    for name, sha in info.get("files", {}).items():  # tokenizer and config files (model.json of older runs: none)
+        path = project.model_dir / name
+        if not path.is_file() or sha256_file(path) != sha:
+            raise StageError(f"{path} does not match its sha256 in {project.model_json} (changed after the model "
+                             "stage); run `dvc checkout` or `dvc repro -P`")
     lm = load_model(project.model_dir, device=device or project.params()["model"]["device"], dtype=info["dtype"])
     if lm.fingerprint != info["fingerprint"]:
         raise StageError(f"{project.model_dir} does not match the fingerprint in {project.model_json}; "

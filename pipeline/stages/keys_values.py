@@ -100,6 +100,7 @@ def read_passes(path: Path) -> tuple[list[ValueResult], dict]:
 
 def run(batch_dir: str | Path) -> dict:
     eb = open_edit_batch(batch_dir, "keys_values")
+    atomic.remove_stale_temps(eb.dir)  # of an attempt that was killed mid-write
     model, tok, hp = eb.lm.model, eb.lm.tokenizer, eb.hp
     timings = {"materialize_s": eb.materialize_s}
     validate_inputs(model, tok, eb.requests, eb.spec, hp)

@@ -5,7 +5,8 @@ id, kind, method, number of requests, status, whether it is active now, the numb
 active after it, its evaluation (``base_``: the unedited model, ``pre_``: the parent state,
 ``post_``: this state — on the batch's own requests; ``ret_``: this state on the retained earlier
 edits; ``ppl``: ME-PPL-50 perplexity) and the norm of its weight change per layer.  Status is
-``committed``, ``pending`` (not computed yet), ``interrupted`` (an apply died before its commit
+``committed``, ``refused`` (committed, but the collapse guard kept it out of the state),
+``pending`` (not computed yet), ``interrupted`` (an apply died before its commit
 point), ``changed`` (its inputs were edited after it was applied) or ``stale`` (an earlier batch
 is pending or changed) — ``dvc repro -P`` recomputes both — ``invalid`` (fails its checks: run
 ``editledger verify``) or ``unverified`` (after an invalid one).
@@ -103,7 +104,8 @@ def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
         e = committed.get(d.name)
         if e is not None:
             row.update(id=e.id, active=e.id in active, approximate=e.approximate, created_at=e.manifest["created_at"],
-                       edit_s=sum(e.manifest["timings"].values()), n_active_requests=n_active[d.name])
+                       edit_s=sum(e.manifest["timings"].values()), n_active_requests=n_active[d.name],
+                       status=e.manifest["status"])
             row.update(_delta_columns(e.manifest))
             try:
                 row.update(_evaluation_columns(read_evaluation(e)))
@@ -168,6 +170,7 @@ def summary_metrics(history: pd.DataFrame) -> dict:
     df = history[history["kind"] != "base"]
     edits = df[(df["kind"] == "edit") & (df["active"] == True)]  # noqa: E712  (nullable column)
     out = {"batches": int(len(df)), "committed": int((df["status"] == "committed").sum()),
+           "refused": int((df["status"] == "refused").sum()),
            "active_batches": int(len(edits)),
            "active_requests": int(edits["n_requests"].fillna(0).sum()),
            "approximate": bool(df["approximate"].fillna(False).iloc[-1]) if len(df) else False}
