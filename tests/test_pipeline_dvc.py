@@ -222,8 +222,8 @@ def test_kill_9_during_apply_leaves_a_ledger_that_verifies(project):
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(HOOK)
     marker = repo.parent / "paused"
-    proc = subprocess.Popen([DVC, "repro", "-P"], cwd=repo,
-                            env=env(PYTHONPATH=str(hook), EDITLEDGER_PAUSE_MARKER=str(marker)),
+    path = f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"  # the hook, and still the package under test
+    proc = subprocess.Popen([DVC, "repro", "-P"], cwd=repo, env=env(PYTHONPATH=path, EDITLEDGER_PAUSE_MARKER=str(marker)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
