@@ -119,7 +119,24 @@ def make_project(tmp: Path, method: str = "pmet") -> Path:
     return repo
 
 
+def cli(repo: Path, *args: str, code: int = 0):
+    """``editledger ARGS`` in-process, from ``repo``; asserts the exit code, returns the result."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        res = CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(cwd)
+    assert res.exit_code == code, (args, res.output, res.exception)
+    return res
+
+
 def requests_file(repo: Path, name: str, records: list[dict]) -> Path:
+    """A requests file beside the project tree (writing it changes nothing in the tree)."""
     path = repo.parent / "requests" / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(records))

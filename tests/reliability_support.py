@@ -9,14 +9,13 @@ nothing).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline_support import RECORDS, make_project
+from pipeline_support import RECORDS, make_project, requests_file  # noqa: F401  (re-exported)
 
 
 def build_project(tmp: Path, method: str = "pmet") -> Path:
@@ -50,14 +49,6 @@ def cli(repo: Path, *args: str, code: int | None = 0):
         raise AssertionError(f"editledger {' '.join(map(str, args))}: exit {res.exit_code}, expected {code}\n"
                              f"{res.output[-2000:]}\n{res.exception!r}")
     return res
-
-
-def requests_file(repo: Path, name: str, records: list[dict]) -> Path:
-    """A requests file outside the project tree (so that writing it changes nothing in the tree)."""
-    path = repo.parent / "requests" / f"{name}.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(records))
-    return path
 
 
 def compute(repo: Path, batch_dir: Path, evaluate: bool = False) -> None:

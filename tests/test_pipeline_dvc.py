@@ -30,15 +30,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.ledger import active_chain, entries, incomplete_entries, materialize, verify
 from pipeline.models.loading import load_model, model_fingerprint
 from pipeline.stages.summary import ledger_table
 from pipeline.editing.engine import apply_deltas
 from pipeline.ledger import load_deltas
-from pipeline_support import DVC, RECORDS, dvc, env, git, make_project, ran_stages, requests_file
+from pipeline_support import DVC, RECORDS, cli, dvc, env, git, make_project, ran_stages, requests_file
 
 torch.set_num_threads(1)
 N_BATCHES = 5
@@ -47,17 +45,6 @@ ROOT_STAGES = {"model", "data", "covariance@mlp_out-1", "covariance@mlp_out-2"}
 
 def batch_stages(dirname: str) -> set[str]:
     return {f"ledger/{dirname}/dvc.yaml:{s}" for s in ("keys_values", "apply", "evaluate")}
-
-
-def cli(repo: Path, *args: str, code: int = 0):
-    cwd = os.getcwd()
-    os.chdir(repo)
-    try:
-        res = CliRunner().invoke(app, list(args))
-    finally:
-        os.chdir(cwd)
-    assert res.exit_code == code, (args, res.output, res.exception)
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -6,34 +6,21 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pandas as pd
 import torch
 import yaml
-from typer.testing import CliRunner
 
 import pipeline
 from conftest import make_model, tokenizer
-from pipeline.cli import app
 from pipeline.editing.hparams import HParams
 from pipeline.ledger import entries, materialize, verify
 from pipeline.models.loading import load_model
-from pipeline_support import RECORDS, TINY_HPARAMS, dvc, git, make_project, requests_file
+from pipeline_support import RECORDS, TINY_HPARAMS, cli, dvc, git, make_project, requests_file
 from test_jeep_iterative_na import _with_neighbors
 
 torch.set_num_threads(1)
 
-
-def cli(repo, *args, code=0):
-    cwd = os.getcwd()
-    os.chdir(repo)
-    try:
-        res = CliRunner().invoke(app, list(args))
-    finally:
-        os.chdir(cwd)
-    assert res.exit_code == code, (args, res.output, res.exception)
-    return res.output
 
 
 def test_iterative_na_and_jeep_batches_through_dvc(tmp_path):
@@ -52,7 +39,7 @@ def test_iterative_na_and_jeep_batches_through_dvc(tmp_path):
     na_records = _with_neighbors(model, tok)
     f1 = requests_file(repo, "b1", na_records)
     f2 = requests_file(repo, "b2", RECORDS[2:4])
-    assert "+iterative +neighbors" in cli(repo, "add", "--requests", str(f1), "--iterative", "--neighbors", "1")
+    assert "+iterative +neighbors" in cli(repo, "add", "--requests", str(f1), "--iterative", "--neighbors", "1").output
     cli(repo, "add", "--requests", str(f2), "--method", "jeep-separate")
     dvc(repo, "repro", "-P")
 

@@ -69,20 +69,25 @@ class ValueProblem:
         they follow the KL prompts, without context prefixes unless ``neighbor_prefixes`` (NAP)."""
         encoded, seq_request, first, kl = [], [], [], []
         tgt_seq, tgt_pos, tgt_tok, counts = [], [], [], []
+
+        def add_answered(request: int, text: str, subject: str, answer: list[int]) -> int:
+            """One prompt followed by its answer (teacher forcing); returns its sequence index."""
+            e = encode_with_subject(tok, text, subject)
+            s = len(encoded)
+            encoded.append(Encoded(e.ids + answer[:-1], e.subject_last))
+            seq_request.append(request)
+            counts.append(len(answer))
+            for k, tid in enumerate(answer):
+                tgt_seq.append(s)
+                tgt_pos.append(len(e.ids) - 1 + k)
+                tgt_tok.append(tid)
+            return s
+
         for i, r in enumerate(requests):
             tgt = target_ids(tok, r.target_new)
-            for j, prefix in enumerate(prefixes):
-                e = encode_with_subject(tok, prefix + r.prompt, r.subject)
-                s = len(encoded)
-                if j == 0:
-                    first.append(s)
-                encoded.append(Encoded(e.ids + tgt[:-1], e.subject_last))
-                seq_request.append(i)
-                counts.append(len(tgt))
-                for t, tid in enumerate(tgt):
-                    tgt_seq.append(s)
-                    tgt_pos.append(len(e.ids) - 1 + t)
-                    tgt_tok.append(tid)
+            first.append(add_answered(i, prefixes[0] + r.prompt, r.subject, tgt))
+            for prefix in prefixes[1:]:
+                add_answered(i, prefix + r.prompt, r.subject, tgt)
         for i, r in enumerate(requests):
             kl.append(len(encoded))
             encoded.append(encode_with_subject(tok, KL_TEMPLATE, r.subject))
@@ -93,15 +98,7 @@ class ValueProblem:
             for template, subject, answer in nbs:
                 tgt = target_ids(tok, answer)
                 for prefix in (prefixes if neighbor_prefixes else [""]):
-                    e = encode_with_subject(tok, prefix + template, subject)
-                    s = len(encoded)
-                    encoded.append(Encoded(e.ids + tgt[:-1], e.subject_last))
-                    seq_request.append(i)
-                    counts.append(len(tgt))
-                    for k, tid in enumerate(tgt):
-                        tgt_seq.append(s)
-                        tgt_pos.append(len(e.ids) - 1 + k)
-                        tgt_tok.append(tid)
+                    add_answered(i, prefix + template, subject, tgt)
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         pred = [-1] * len(encoded)
         for s, pos in zip(reversed(tgt_seq), reversed(tgt_pos)):
