@@ -14,7 +14,8 @@ hyper-parameters (1-5 for SmolLM2-135M):
 Also reports how far the bfloat16 covariance is from the float32 one (relative Frobenius norm)
 per layer, and with ``--edit-check N`` what that does to an edit: the same PMET targets of N
 CounterFact dev requests spread with either covariance (delta difference, metrics).  Medians over
-``--repeat`` runs.
+``--repeat`` runs.  ``--no-timing`` skips the timings and takes both covariances from the
+engine's cache (for the comparison and the edit check only).
 
     python benchmarks/covariance.py --repeat 3 --edit-check 50 --out benchmarks/results/covariance.json
 """
@@ -33,7 +34,7 @@ import torch
 import typer
 
 from pipeline.editing.context import context_prefixes
-from pipeline.editing.covariance import Corpus, compute_second_moments
+from pipeline.editing.covariance import Corpus, compute_second_moments, second_moments
 from pipeline.editing.engine import compute_targets, default_corpus, spread_targets
 from pipeline.editing.hooks import hooks, record_input, run_truncated, stop_after
 from pipeline.editing.hparams import load_hparams
@@ -42,7 +43,7 @@ from pipeline.editing.requests import parse_requests
 from pipeline.evaluation.protocols import evaluate
 from pipeline.editing.precision import working_copy
 from pipeline.models.adapters import adapter_for
-from pipeline.models.loading import load_model
+from pipeline.models.loading import cache_home, load_model
 
 app = typer.Typer(add_completion=False)
 COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "multi_counterfact_dev.json"
@@ -96,7 +97,7 @@ def _timed(fn, repeat: int) -> dict:
 @app.command()
 def main(repeat: int = 3, naive_tokens: int = 16384, model: str = "smollm2-135m-instruct",
          hparams: str = "smollm2-135m-instruct", out: Path = Path("benchmarks/results/covariance.json"),
-         max_chunks: int = 0, edit_check: int = 0):
+         max_chunks: int = 0, edit_check: int = 0, timing: bool = True):
     lm = load_model(model)
     hp = load_hparams(hparams, "pmet")
     adapter = adapter_for(lm.model)
@@ -112,26 +113,32 @@ def main(repeat: int = 3, naive_tokens: int = 16384, model: str = "smollm2-135m-
                  "model": model, "layers": list(hp.layers), "tokens": n_tokens, "chunks": len(chunks),
                  "batch_tokens": hp.cov_batch_tokens, "repeat": repeat, "modes": {}}
     covs = {}
-    for dtype in ("float32", "bfloat16"):
-        work = working_copy(lm.model, dtype)
-        res["modes"][f"forward_{dtype}"] = _timed(lambda: _forward_only(work, adapter, chunks, top, hp.cov_batch_tokens), repeat)
+    if timing:
+        for dtype in ("float32", "bfloat16"):
+            work = working_copy(lm.model, dtype)
+            res["modes"][f"forward_{dtype}"] = _timed(lambda: _forward_only(work, adapter, chunks, top, hp.cov_batch_tokens), repeat)
 
-        def cov(work=work, dtype=dtype):
-            covs[dtype] = compute_second_moments(work, adapter, chunks, targets, hp.cov_batch_tokens, progress=False)
+            def cov(work=work, dtype=dtype):
+                covs[dtype] = compute_second_moments(work, adapter, chunks, targets, hp.cov_batch_tokens, progress=False)
 
-        res["modes"][f"covariance_{dtype}"] = _timed(cov, repeat)
-        print(dtype, res["modes"][f"forward_{dtype}"]["median_s"], res["modes"][f"covariance_{dtype}"]["median_s"], flush=True)
-    naive_chunks, total = [], 0
-    for c in chunks:
-        if total >= naive_tokens:
-            break
-        naive_chunks.append(c)
-        total += len(c)
-    naive = _timed(lambda: _naive(lm.model, adapter, naive_chunks, targets, hp.cov_batch_tokens), repeat)
-    res["modes"]["naive_float32"] = {**naive, "tokens": total,
-                                     "extrapolated_full_s": naive["median_s"] * n_tokens / total}
-    for mode in res["modes"].values():
-        mode["ms_per_1k_tokens"] = 1e6 * mode["median_s"] / mode.get("tokens", n_tokens)
+            res["modes"][f"covariance_{dtype}"] = _timed(cov, repeat)
+            print(dtype, res["modes"][f"forward_{dtype}"]["median_s"], res["modes"][f"covariance_{dtype}"]["median_s"], flush=True)
+        naive_chunks, total = [], 0
+        for c in chunks:
+            if total >= naive_tokens:
+                break
+            naive_chunks.append(c)
+            total += len(c)
+        naive = _timed(lambda: _naive(lm.model, adapter, naive_chunks, targets, hp.cov_batch_tokens), repeat)
+        res["modes"]["naive_float32"] = {**naive, "tokens": total,
+                                         "extrapolated_full_s": naive["median_s"] * n_tokens / total}
+        for mode in res["modes"].values():
+            mode["ms_per_1k_tokens"] = 1e6 * mode["median_s"] / mode.get("tokens", n_tokens)
+    else:  # the engine's cached covariances (computed once if missing), for the comparisons only
+        for dtype in ("float32", "bfloat16"):
+            covs[dtype], _ = second_moments(lm.model, lm.tokenizer, adapter, lm.fingerprint, corpus, targets,
+                                            hp.cov_max_length, hp.cov_max_texts, hp.cov_batch_tokens, dtype,
+                                            cache_home() / "covariance", progress=True)
     res["bfloat16_vs_float32_rel_frobenius"] = {
         f"{r}@{layer}": float((covs["bfloat16"][(r, layer)] - covs["float32"][(r, layer)]).norm()
                               / covs["float32"][(r, layer)].norm()) for r, layer in targets}
