@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def main(n: int = 30, at: list[int] = typer.Option([3, 30]), repeat: int = 3, la
         for r in range(repeat):
             dest = root / f"out-{k}-{r}"
             t0 = time.perf_counter()
-            subprocess.run(["editledger", "materialize", str(k), str(dest)], check=True, env=env, cwd=root,
+            subprocess.run([str(Path(sys.executable).parent / "editledger"), "materialize", str(k), str(dest)], check=True, env=env, cwd=root,
                            stdout=subprocess.DEVNULL)
             times.append(time.perf_counter() - t0)
         results["materialize"][str(k)] = {"median_s": statistics.median(times), "runs_s": times}

@@ -47,7 +47,7 @@ def main(grid: Path, out: Path, start: int = 1000, n: int = 30, model: str = "sm
         hp = load_hparams(hparams, spec.hparams_from, {k: v for k, v in group.items() if k != "method"})
         targets = [(role, layer) for layer in hp.layers for role, _ in spec.writes]
         covs, _ = second_moments(m, tok, adapter, lm.fingerprint, corpus, targets, hp.cov_max_length, hp.cov_max_texts,
-                                 hp.cov_batch_tokens, "float32", cache_home() / "covariance", progress=False)
+                                 hp.cov_batch_tokens, hp.cov_dtype, cache_home() / "covariance", progress=False)
         prefixes = context_prefixes(m, tok, hp)
         t0 = time.perf_counter()
         values = compute_targets(m, tok, adapter, reqs, prefixes, spec, hp, "fast")

@@ -323,3 +323,49 @@ def test_counterfact_evaluation_semantics(llama):
     assert metrics["efficacy"] == pytest.approx(rewrite)
     assert metrics["n_requests"] == len(reqs)
     assert set(df["kind"]) == {"rewrite", "paraphrase", "neighborhood"}
+
+
+# ------------------------------------------------------------------------------------ compute dtypes
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_bfloat16_value_optimisation_targets_the_float32_model(llama, corpus_path, tmp_path, capture_values, engine):
+    """With ``v_dtype: bfloat16`` δ is optimised on a cast copy, kept in float32, and the target
+    is the float32 model's own value + δ; the model itself is never cast."""
+    model, tok = llama
+    hp = HP.replace(v_dtype="bfloat16")
+    state = _state(model)
+    res = _edit(model, tok, corpus_path, tmp_path, hp=hp, engine=engine)
+    _assert_same_state(model, state)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    values = capture_values["values"]
+    reqs = parse_requests(_records())
+    for site, delta in values.deltas.items():
+        assert delta.dtype == torch.float32
+        own = site_values(model, tok, adapter_for(model), reqs, site, LAYERS[-1])
+        assert torch.equal(values.targets[site], own + delta)
+    ref = _edit(model, tok, corpus_path, tmp_path, hp=HP, engine=engine)
+    for name in ref.deltas:  # a bfloat16 forward is a perturbation of the float32 one, not another edit
+        cos = torch.nn.functional.cosine_similarity(res.deltas[name].flatten(), ref.deltas[name].flatten(), dim=0)
+        assert cos > 0.9, (name, float(cos))
+
+
+def test_bfloat16_covariance_is_close_and_cached_separately(llama, corpus_path, tmp_path):
+    from pipeline.editing.covariance import Corpus, second_moments
+    from pipeline.models.loading import model_fingerprint
+
+    model, tok = llama
+    adapter, fp, corpus = adapter_for(model), model_fingerprint(model), Corpus.from_file(corpus_path)
+    args = (model, tok, adapter, fp, corpus, [("mlp_out", 1)], 32, 0, 256)
+    c32, id32 = second_moments(*args, "float32", tmp_path, progress=False)
+    c16, id16 = second_moments(*args, "bfloat16", tmp_path, progress=False)
+    assert id32 != id16
+    assert c16[("mlp_out", 1)].dtype == torch.float64
+    rel = (c16[("mlp_out", 1)] - c32[("mlp_out", 1)]).norm() / c32[("mlp_out", 1)].norm()
+    assert 0 < rel < 0.05, float(rel)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_unknown_compute_dtype_is_rejected():
+    with pytest.raises(HParamsError, match="v_dtype must be one of"):
+        HP.replace(v_dtype="int8")
+    with pytest.raises(HParamsError, match="cov_dtype must be one of"):
+        HP.replace(cov_dtype="half")

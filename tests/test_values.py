@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import COUNTERFACT_RECORDS, HIDDEN, make_model, tok_for
+import pipeline.editing.values as values_mod
 from pipeline.editing.hooks import add_at, edit_output, hooks
 from pipeline.editing.hparams import HParams
 from pipeline.editing.keys import site_values
@@ -98,8 +99,15 @@ def test_value_problem_layout(tok):
 
 
 # ------------------------------------------------------------------------------------ (a) strategies agree
+@pytest.fixture(params=[0, 10**9], ids=["bucket-per-length", "one-bucket"])
+def buckets(request, monkeypatch):
+    """Run the prefix-cached strategy with suffix-length buckets as fine or as coarse as possible."""
+    monkeypatch.setattr(values_mod, "BUCKET_OVERHEAD_TOKENS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "gemma3_text"])
-def test_prefix_cached_equals_full_forward(model_factory, family):
+def test_prefix_cached_equals_full_forward(model_factory, family, buckets):
     model, tok = model_factory(family)
     reqs = _requests(3)
     sites = SITES  # residual, attn and mlp all at once
@@ -138,7 +146,7 @@ def test_each_site_alone_agrees_with_independent_forwards(llama, site):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
-def test_strategies_agree_on_a_subset_of_active_requests(model_factory, family):
+def test_strategies_agree_on_a_subset_of_active_requests(model_factory, family, buckets):
     model, tok = model_factory(family)
     reqs = _requests(3)
     full = _forward(FullForward, model, tok, reqs, PMET_SITES)
@@ -427,3 +435,16 @@ def test_nan_logits_give_optimisation_error(llama):
     poisoned.p, poisoned.device, poisoned.model = fwd.p, fwd.device, model
     with pytest.raises(OptimisationError, match=r"step 2 for request\(s\) \[1\]"):
         optimise_values(poisoned, PMET_SITES, _dims(model, adapter, PMET_SITES), _hp())
+
+
+@pytest.mark.parametrize("lengths,overhead,expected", [
+    ([], 64, []),
+    ([3], 0, [(0, 1)]),
+    ([2, 2, 3, 3, 8], 0, [(0, 2), (2, 4), (4, 5)]),
+    ([2, 2, 3, 3, 8], 2, [(0, 4), (4, 5)]),  # padding 2 rows by 1 costs 2: merged
+    ([2, 2, 3, 3, 8], 19, [(0, 4), (4, 5)]),  # padding 4 rows by 5 costs 20 > 19
+    ([2, 2, 3, 3, 8], 20, [(0, 5)]),
+])
+def test_length_buckets(lengths, overhead, expected):
+    got = values_mod.length_buckets(lengths, overhead)
+    assert [(b.start, b.stop) for b in got] == expected

@@ -5,7 +5,9 @@ weights, the layer, the projection, the corpus and how the corpus was cut.  So
 
 * one truncated forward pass serves every requested (role, layer): the forward stops right after
   the highest layer needed;
-* per-batch products are formed in the compute dtype and accumulated in float64;
+* the pass runs in the compute dtype ``cov_dtype`` (a bfloat16 copy of the model where asked:
+  several times faster on CPUs with bfloat16 dot products); per-batch products are formed in
+  that dtype and accumulated in float64;
 * results are cached on disk under a content key; a cached file carries its key and a hash of
   its bytes, and one that does not match is rejected (never silently used).
 """
@@ -25,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipeline.editing.hooks import hooks, record_input, run_truncated, stop_after
+from pipeline.editing.precision import working_copy
 from pipeline.models.adapters import Adapter
 
 CACHE_FORMAT = 1
@@ -81,7 +84,7 @@ def cache_key(fingerprint: str, role: str, layer: int, corpus: Corpus, n_tokens:
         "n_tokens": n_tokens,
         "n_chunks": n_chunks,
         "max_length": max_length,
-        "dtype": dtype,
+        "dtype": dtype,  # the compute dtype of the pass (the weights are in the fingerprint)
     }
 
 
@@ -172,7 +175,11 @@ def cache_keys(fingerprint: str, corpus: Corpus, chunks: list[list[int]], target
 def second_moments(model, tok, adapter: Adapter, fingerprint: str, corpus: Corpus, targets: list[tuple[str, int]],
                    max_length: int, max_texts: int, batch_tokens: int, dtype: str, cache_dir: Path | None,
                    progress: bool = True) -> tuple[dict[tuple[str, int], torch.Tensor], dict[tuple[str, int], str]]:
-    """Cached second moments and their cache ids (the ids go into the ledger as fingerprints)."""
+    """Cached second moments and their cache ids (the ids go into the ledger as fingerprints).
+
+    ``dtype`` is the compute dtype of the pass; the model is cast (a copy) only if something
+    has to be computed.
+    """
     chunks = corpus.chunks(tok, max_length, max_texts)
     keys = cache_keys(fingerprint, corpus, chunks, targets, max_length, dtype)
     ids = {t: key_id(k) for t, k in keys.items()}
@@ -185,7 +192,7 @@ def second_moments(model, tok, adapter: Adapter, fingerprint: str, corpus: Corpu
         else:
             missing.append(t)
     if missing:
-        computed = compute_second_moments(model, adapter, chunks, missing, batch_tokens, progress)
+        computed = compute_second_moments(working_copy(model, dtype), adapter, chunks, missing, batch_tokens, progress)
         for t, cov in computed.items():
             if cache_dir:
                 save_entry(entry_path(cache_dir, t, ids[t]), keys[t], cov)

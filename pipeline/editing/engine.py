@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.editing.context import context_prefixes
 from pipeline.editing.covariance import Corpus, second_moments
 from pipeline.editing.hparams import HParams, HParamsError
 from pipeline.editing.keys import request_keys, site_values
 from pipeline.editing.methods import SITE_ROLES, Method, get_method
+from pipeline.editing.precision import working_copy
 from pipeline.editing.requests import EditRequest, parse_requests, validate_batch
 from pipeline.editing.spread import closed_form_update, spread_divisor
 from pipeline.editing.tokens import encode_with_subject, target_ids
@@ -110,9 +112,8 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
         cache = Path(cache_dir) if cache_dir is not None else cache_home() / "covariance"
         fp = fingerprint or model_fingerprint(model)
         targets = [(role, layer) for layer in hp.layers for role, _ in spec.writes]
-        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         covs, cov_ids = second_moments(model, tokenizer, adapter, fp, corpus, targets, hp.cov_max_length,
-                                       hp.cov_max_texts, hp.cov_batch_tokens, dtype, cache, progress)
+                                       hp.cov_max_texts, hp.cov_batch_tokens, hp.cov_dtype, cache, progress)
         timings["covariance_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -120,7 +121,7 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
         timings["prefixes_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        values = compute_targets(model, tokenizer, adapter, reqs, prefixes, spec, hp, engine)
+        values = compute_targets(model, tokenizer, adapter, reqs, prefixes, spec, hp, engine, progress)
         timings["values_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -137,22 +138,34 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
     )
 
 
-def compute_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, engine: str = "fast") -> ValueResult:
+def compute_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParams, engine: str = "fast",
+                    progress: bool = False) -> ValueResult:
     """Phase 1: the target value of every request at every site of the last critical layer."""
     layer = hp.layers[-1]
     dims = {s: adapter.in_out_dims(model, SITE_ROLES[s], layer)[1] if s != "residual" else model.config.hidden_size
             for s in spec.sites}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    work = working_copy(model, hp.v_dtype)
     if engine == "fast":
         problem = ValueProblem.build(tok, reqs, prefixes)
-        return optimise_values(PrefixCachedForward(model, adapter, problem, layer, spec.sites, pad), spec.sites, dims, hp)
-    parts = []
-    for r in reqs:  # the reference code's per-request loop
-        problem = ValueProblem.build(tok, [r], prefixes)
-        parts.append(optimise_values(FullForward(model, adapter, problem, layer, spec.sites, pad), spec.sites, dims, hp))
-    trace = [{**row, "request": i} for i, part in enumerate(parts) for row in part.trace]
-    cat = lambda attr: {s: torch.cat([getattr(p, attr)[s] for p in parts]) for s in spec.sites}  # noqa: E731
-    return ValueResult(cat("targets"), cat("init"), cat("deltas"), torch.cat([p.steps for p in parts]), trace)
+        result = optimise_values(PrefixCachedForward(work, adapter, problem, layer, spec.sites, pad), spec.sites, dims, hp,
+                                 progress)
+    else:
+        parts = []
+        for r in tqdm(reqs, desc="values (per request)", unit="request", disable=not progress):  # the reference loop
+            problem = ValueProblem.build(tok, [r], prefixes)
+            parts.append(optimise_values(FullForward(work, adapter, problem, layer, spec.sites, pad), spec.sites, dims, hp))
+        trace = [{**row, "request": i} for i, part in enumerate(parts) for row in part.trace]
+        cat = lambda attr: {s: torch.cat([getattr(p, attr)[s] for p in parts]) for s in spec.sites}  # noqa: E731
+        result = ValueResult(cat("targets"), cat("init"), cat("deltas"), torch.cat([p.steps for p in parts]), trace)
+    if work is not model:
+        # δ was found on a cast copy; the target is the model's own value plus δ, so the spread
+        # does not also write the cast's rounding error into the weights
+        with torch.no_grad():
+            init = {s: site_values(model, tok, adapter, reqs, s, layer).to(result.deltas[s].dtype) for s in spec.sites}
+        result = ValueResult({s: init[s] + result.deltas[s] for s in spec.sites}, init, result.deltas, result.steps,
+                             result.trace)
+    return result
 
 
 @torch.no_grad()

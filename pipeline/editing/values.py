@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from pipeline.editing.hooks import add_at, edit_output, hooks
 from pipeline.editing.hparams import HParams
 from pipeline.editing.methods import SITE_ROLES
+from pipeline.editing.precision import master_dtype
 from pipeline.editing.requests import EditRequest
 from pipeline.editing.tokens import Encoded, encode_with_subject, pad_right, target_ids
 from pipeline.models.adapters import Adapter
@@ -150,6 +152,7 @@ class PrefixCachedForward(_Forward):
         super().__init__(*args, **kwargs)
         p = self.p
         self.prefix_len = torch.tensor([e.subject_last for e in p.encoded])
+        self.suffix_len = torch.tensor([len(e.ids) - e.subject_last for e in p.encoded])
         self._kv = None  # per-layer (keys, values) of all sequences' left-padded prefixes
         self._selected: dict[tuple, list] = {}  # prefix KV of each chunk of sequences
         self._prefix_width = int(self.prefix_len.max())
@@ -193,20 +196,33 @@ class PrefixCachedForward(_Forward):
         local = torch.full((len(p.encoded),), -1, dtype=torch.long)
         local[seqs] = torch.arange(len(seqs))
         req_row = torch.cumsum(active.long(), 0) - 1
-        sl = self.prefix_len[seqs]
-        ids, smask = pad_right([p.encoded[s].ids[p.encoded[s].subject_last :] for s in seqs.tolist()], self.pad_id)
-        pos = sl[:, None] + torch.arange(ids.shape[1])[None, :]
-        mask = torch.cat([self._prefix_mask[seqs], smask], 1) if W else smask
-        cache = self._cache_rows(seqs)
-        rows = torch.arange(len(seqs))
-        cols = torch.zeros(len(seqs), dtype=torch.long)
-        first_rows = local[p.first_rewrite[active]]
-        init: dict = {}
-        regs = self._hook_regs(deltas, rows.to(self.device), cols.to(self.device), req_row[p.seq_request[seqs]].to(self.device), first_rows.to(self.device), init)
-        with hooks(regs):
-            hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                   position_ids=pos.to(self.device), past_key_values=cache,
-                                   use_cache=cache is not None).last_hidden_state
+        # sequences sorted by suffix length and run in buckets: padding every suffix to the
+        # longest one would spend about half of the work on pads
+        order = torch.argsort(self.suffix_len[seqs], stable=True)
+        width = int(self.suffix_len[seqs].max())
+        parts, heads = [], {site: [] for site in self.sites}
+        for bucket in length_buckets(self.suffix_len[seqs][order].tolist()):
+            rows_b = order[bucket]
+            seqs_b = seqs[rows_b]
+            ids, smask = pad_right([p.encoded[s].ids[p.encoded[s].subject_last :] for s in seqs_b.tolist()], self.pad_id)
+            pos = self.prefix_len[seqs_b][:, None] + torch.arange(ids.shape[1])[None, :]
+            mask = torch.cat([self._prefix_mask[seqs_b], smask], 1) if W else smask
+            cache = self._cache_rows(seqs_b)
+            rows = torch.arange(len(seqs_b), device=self.device)
+            cols = torch.zeros(len(seqs_b), dtype=torch.long, device=self.device)
+            head: dict = {}  # each site's value at every row's first suffix token (the subject's last)
+            regs = self._hook_regs(deltas, rows, cols, req_row[p.seq_request[seqs_b]].to(self.device), rows, head)
+            with hooks(regs):
+                hidden_b = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                         position_ids=pos.to(self.device), past_key_values=cache,
+                                         use_cache=cache is not None).last_hidden_state
+            parts.append(F.pad(hidden_b, (0, 0, 0, width - hidden_b.shape[1])))
+            for site in self.sites:
+                heads[site].append(head[site])
+        back = torch.argsort(order).to(self.device)  # bucket order → seqs order
+        hidden = torch.cat(parts)[back]
+        first_rows = local[p.first_rewrite[active]].to(self.device)
+        init = {site: torch.cat(heads[site])[back][first_rows] for site in self.sites}
         tgt_rows = local[p.tgt_seq[tgt_mask]]
         tgt_cols = p.tgt_pos[tgt_mask] - self.prefix_len[p.tgt_seq[tgt_mask]]
         kl_rows = local[p.kl_seq[active]]
@@ -214,6 +230,26 @@ class PrefixCachedForward(_Forward):
         logits = self.adapter.logits(self.model, gathered)
         n_t = len(tgt_rows)
         return StepOutput(logits[:n_t], logits[n_t:], init)
+
+
+BUCKET_OVERHEAD_TOKENS = 64  # what one more forward call costs, in padded suffix tokens (measured order)
+
+
+def length_buckets(lengths: list[int], overhead: int | None = None) -> list[slice]:
+    """Split ascending ``lengths`` into runs, each padded to its own maximum.
+
+    A run of equal lengths joins the current bucket when padding the bucket's rows up to the
+    new length costs no more than ``overhead`` tokens (the price of another forward call).
+    """
+    overhead = BUCKET_OVERHEAD_TOKENS if overhead is None else overhead
+    buckets, start = [], 0
+    for i in range(1, len(lengths)):
+        if (i - start) * (lengths[i] - lengths[i - 1]) > overhead:
+            buckets.append(slice(start, i))
+            start = i
+    if lengths:
+        buckets.append(slice(start, len(lengths)))
+    return buckets
 
 
 @dataclass
@@ -258,7 +294,8 @@ def _request_losses(forward: _Forward, out: StepOutput, part: torch.Tensor, delt
     return loss, nll, kl, wd, misses
 
 
-def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, int], hp: HParams) -> ValueResult:
+def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, int], hp: HParams,
+                    progress: bool = False) -> ValueResult:
     """Jointly optimise δ for every request and site (per-request stopping, per-site clamps).
 
     Each step runs the active requests in chunks of ``hp.v_batch_requests`` and accumulates their
@@ -267,7 +304,7 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
     """
     p = forward.p
     N, device = p.n_requests, forward.device
-    dtype = next(forward.model.parameters()).dtype
+    dtype = master_dtype(next(forward.model.parameters()).dtype)
     delta = {s: torch.zeros(N, dims[s], device=device, dtype=dtype, requires_grad=True) for s in sites}
     opt = torch.optim.Adam(list(delta.values()), lr=hp.v_lr)
     active = torch.ones(N, dtype=torch.bool)
@@ -276,7 +313,9 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
     init = {s: torch.zeros(N, dims[s], device=device, dtype=dtype) for s in sites}
     init_kl: torch.Tensor | None = None
     trace: list[dict] = []
+    bar = tqdm(total=hp.v_num_grad_steps, desc=f"values ({N} requests)", unit="step", disable=not progress)
     for it in range(hp.v_num_grad_steps):
+        bar.update()
         last = it == hp.v_num_grad_steps - 1
         idx = torch.nonzero(active).squeeze(1)
         done = torch.zeros(N, dtype=torch.bool)
@@ -287,7 +326,7 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
             out = forward({s: delta[s][part.to(device)] for s in sites}, in_part)
             if it == 0:  # δ = 0 here: the unedited values and distributions
                 for s in sites:
-                    init[s][part.to(device)] = out.site_init[s].detach()
+                    init[s][part.to(device)] = out.site_init[s].detach().to(dtype)
                 kl0 = F.log_softmax(out.kl_logits.float(), -1).detach()
                 if init_kl is None:
                     init_kl = torch.zeros(N, kl0.shape[-1], device=device)
@@ -327,5 +366,6 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
                 d.mul_(scale[:, None])
                 if not torch.isfinite(d).all():
                     raise OptimisationError(f"non-finite δ at step {it}; lower v_lr or check the model")
+    bar.close()
     final = {s: delta[s].detach() for s in sites}
     return ValueResult(targets={s: init[s] + final[s] for s in sites}, init=init, deltas=final, steps=steps + 1, trace=trace)

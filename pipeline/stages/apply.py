@@ -32,7 +32,7 @@ def cached_covariances(project: Project, lm, targets: list[tuple[str, int]], hp:
     is a configuration error (the covariance stages own that folder)."""
     cfg = project.params()
     cor = corpus(project, cfg)
-    dtype = str(next(lm.model.parameters()).dtype).replace("torch.", "")
+    dtype = hp.cov_dtype
     chunks = cor.chunks(lm.tokenizer, hp.cov_max_length, hp.cov_max_texts)
     ids = {t: key_id(k) for t, k in cache_keys(lm.fingerprint, cor, chunks, targets, hp.cov_max_length, dtype).items()}
     for (role, layer), kid in ids.items():
@@ -42,7 +42,7 @@ def cached_covariances(project: Project, lm, targets: list[tuple[str, int]], hp:
                              f"{role}) under `covariance:` in params.yaml and run `dvc repro -P`")
         if not entry_path(project.covariance_dir, (role, layer), kid).exists():
             raise StageError(f"{folder} holds a covariance computed with other settings (model, corpus, "
-                             "cov_max_length/cov_max_texts or dtype) than this batch's hyper-parameters")
+                             "cov_max_length/cov_max_texts or cov_dtype) than this batch's hyper-parameters")
     return second_moments(lm.model, lm.tokenizer, adapter_for(lm.model), lm.fingerprint, cor, targets,
                           hp.cov_max_length, hp.cov_max_texts, hp.cov_batch_tokens, dtype, project.covariance_dir,
                           progress=False)

@@ -31,9 +31,8 @@ def run(project: Project, role: str, layer: int, progress: bool = True) -> str:
     for _, l in targets:
         adapter.check_layer(lm.model, l)
     scratch = project.path(cfg["cache_dir"]) if cfg["cache_dir"] else cache_home() / "covariance"
-    dtype = str(next(lm.model.parameters()).dtype).replace("torch.", "")
     _, ids = second_moments(lm.model, lm.tokenizer, adapter, lm.fingerprint, corpus(project, cfg), targets,
-                            hp.cov_max_length, hp.cov_max_texts, hp.cov_batch_tokens, dtype, scratch, progress)
+                            hp.cov_max_length, hp.cov_max_texts, hp.cov_batch_tokens, hp.cov_dtype, scratch, progress)
     kid = ids[(role, layer)]
     dest = entry_path(project.covariance_dir, (role, layer), kid)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,8 @@ def run(batch_dir: str | Path) -> dict:
     prefixes = context_prefixes(model, tok, hp)
     timings["prefixes_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    values = compute_targets(model, tok, adapter_for(model), eb.requests, prefixes, eb.spec, hp, eb.batch.engine)
+    values = compute_targets(model, tok, adapter_for(model), eb.requests, prefixes, eb.spec, hp, eb.batch.engine,
+                             progress=True)
     timings["values_s"] = time.perf_counter() - t0
     atomic.write_parquet(eb.dir / KV_FILE, values_table(values, prefixes, hp.layers[-1], timings))
     atomic.write_parquet(eb.dir / TRACE_FILE, pd.DataFrame(values.trace))

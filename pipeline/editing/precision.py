@@ -1,0 +1,33 @@
+"""Working copies of a model in the compute dtype of a heavy loop.
+
+Value optimisation and the covariance pass only *read* the weights, so they may run on a copy
+in a cheaper dtype (``HParams.v_dtype`` / ``cov_dtype``); the model the edit is written into is
+never cast.  Tensors the optimiser updates (``δ``) stay at least float32 whatever the compute
+dtype: Adam's small steps vanish in bfloat16.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def working_copy(model, dtype: str):
+    """``model`` itself if it already computes in ``dtype``, else a detached copy cast to it."""
+    target = torch_dtype(dtype)
+    if next(model.parameters()).dtype == target:
+        return model
+    work = copy.deepcopy(model).to(target)
+    work.eval()
+    work.requires_grad_(False)
+    return work
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype optimised tensors are kept in: float32 or wider."""
+    return torch.promote_types(dtype, torch.float32)
