@@ -17,6 +17,7 @@ def test_eval_baseline_script_runs(tmp_path):
     out = tmp_path / "baseline.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_baseline.py"), "--model", str(model_dir),
                         "--n-counterfact", "2", "--n-zsre", "2", "--timing-batch", "2", "--threads", "1",
+                        "--timing-threads", "1",
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())

@@ -180,6 +180,8 @@ def test_changing_batch_3_reruns_exactly_batches_3_to_5(project):
     # the change of method shows at a glance against the committed history
     diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)["reports/summary.json"]
     assert "last.ppl" in diff and "base.ppl" not in diff  # the unedited model did not change
+    plots = json.loads(dvc(repo, "plots", "diff", "--json", "--split", "HEAD").stdout)["data"]
+    assert set(plots["collapse_ppl"][0]["revisions"]) == {"HEAD", "workspace"}
 
 
 # --------------------------------------------------------------------------------------- (d)

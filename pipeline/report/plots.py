@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # no display, no GUI toolkit: the report is rendered head
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.evaluation.suite import CONSISTENCY_KEY  # noqa: E402
 
@@ -51,7 +52,7 @@ def edit_metrics(history: pd.DataFrame) -> bytes:
     """Efficacy, generalisation, specificity (success rates) and score vs number of active edits:
     the batch's own requests (solid) and the retained earlier ones (dashed)."""
     df = evaluated_rows(history)
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = plt.subplots(figsize=(6.2, 4))
     drawn = False
     for m, c in COLORS.items():
         drawn |= _series(ax, df, f"post_{m}", color=c, marker="o", label=f"{m} (batch)")
@@ -87,7 +88,7 @@ def generation_metrics(history: pd.DataFrame) -> bytes:
 def perplexity(history: pd.DataFrame) -> bytes:
     """ME-PPL-50 perplexity vs number of active edits, with the unedited value as a reference line."""
     df = evaluated_rows(history)
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    fig, ax = plt.subplots(figsize=(6.2, 4))
     if _series(ax, df, "ppl", color="tab:brown", marker="o", label="after the batch"):
         base = df[df["kind"] == "base"]["ppl"].dropna()
         if len(base):
@@ -108,7 +109,7 @@ def delta_norms(history: pd.DataFrame) -> bytes:
     """Frobenius norm of each edit batch's weight change per layer (from the ledger's manifests)."""
     cols = layer_columns(history)
     df = history[history["kind"] == "edit"]
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    fig, ax = plt.subplots(figsize=(6.2, 4))
     drawn = False
     for c in cols:
         drawn |= bool(_plot_by_seq(ax, df, c, label=f"layer {c[len('delta_norm_layer_'):]}"))
@@ -117,6 +118,7 @@ def delta_norms(history: pd.DataFrame) -> bytes:
     else:
         _empty(ax, "committed edit")
     ax.set(xlabel="batch (seq)", ylabel="‖ΔW‖ (Frobenius)", title="Weight change per layer, per batch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -129,5 +131,5 @@ def _plot_by_seq(ax, df: pd.DataFrame, column: str, **kw) -> bool:
     return True
 
 
-FIGURES = (("Edit success", edit_metrics), ("Fluency and consistency", generation_metrics),
-           ("Collapse", perplexity), ("Weight change per layer", delta_norms))
+FIGURES = (("Edit success", edit_metrics), ("Collapse", perplexity), ("Fluency and consistency", generation_metrics),
+           ("Weight change per layer", delta_norms))
