@@ -88,3 +88,10 @@ def tree_digest(root: Path) -> dict[str, str]:
         else:
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def project_with_one_batch(tmp: Path) -> Path:
+    """The tiny project with one committed edit batch (records 0-1)."""
+    repo = build_project(tmp)
+    add_batch(repo, "b1", RECORDS[0:2])
+    return repo

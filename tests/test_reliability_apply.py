@@ -22,7 +22,7 @@ from pipeline.ledger import LedgerError, active_chain, entries, materialize, ver
 from pipeline.ledger.append import append_edit
 from pipeline.models.loading import load_model, model_fingerprint
 from pipeline_support import RECORDS
-from reliability_support import add_batch, build_project, cli, compute, requests_file, tree_digest
+from reliability_support import project_with_one_batch, cli, compute, requests_file, tree_digest
 from test_ledger_support import HP, COV, batch_requests, tiny_model
 
 torch.set_num_threads(1)
@@ -30,10 +30,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def one_batch(tmp_path_factory):
-    """The tiny project with one committed edit batch."""
-    repo = build_project(tmp_path_factory.mktemp("apply"))
-    add_batch(repo, "b1", RECORDS[0:2])
-    return repo
+    return project_with_one_batch(tmp_path_factory.mktemp("apply"))
 
 
 def copy_of(repo, name):

@@ -19,16 +19,14 @@ import pytest
 from pipeline.ledger import read_batch, scan
 from pipeline.ledger.faults import MARKER_ENV, PAUSE_ENV
 from pipeline_support import BIN, RECORDS, env
-from reliability_support import add_batch, build_project, cli, requests_file
+from reliability_support import project_with_one_batch, cli, requests_file
 
 EDITLEDGER = str(BIN / "editledger")
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    repo = build_project(tmp_path_factory.mktemp("concurrency"))
-    add_batch(repo, "b1", RECORDS[0:2])
-    return repo
+    return project_with_one_batch(tmp_path_factory.mktemp("concurrency"))
 
 
 def test_a_second_writer_is_refused_while_readers_work(project, tmp_path):

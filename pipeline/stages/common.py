@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from pipeline.config import load_params
 from pipeline.data import sha256_file
 from pipeline.editing.covariance import Corpus
@@ -205,3 +207,16 @@ def write_json(path: Path, doc: Any) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def me_ppl_texts(project: Project) -> list[str]:
+    """The ME-PPL-50 texts (the data stage's verified ``data/me_ppl_50.parquet``): the collapse
+    check of the evaluate stage and the apply stage's guard read the same texts."""
+    path = project.data / "me_ppl_50.parquet"
+    try:
+        texts = pd.read_parquet(path, columns=["Text"])["Text"].tolist()
+    except (OSError, KeyError, ValueError) as exc:
+        raise StageError(f"{path} is missing or unreadable: run `dvc repro -P` (stage data) first ({exc})") from None
+    if not texts:
+        raise StageError(f"{path} holds no texts")
+    return texts

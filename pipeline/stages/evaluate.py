@@ -36,23 +36,13 @@ from pipeline.ledger.layout import KV_FILE
 from pipeline.ledger.replay import materialize
 from pipeline.stages.keys_values import read_passes
 from pipeline.ledger.store import load
-from pipeline.stages.common import CORPUS, Project, StageError, base_model
-
-ME_PPL = Path("data/me_ppl_50.parquet")  # the data stage's verified conversion
-
+from pipeline.stages.common import CORPUS, Project, StageError, base_model, me_ppl_texts
 
 def finite(value: Any) -> Any:
     """NaN (a kind of prompt the requests do not have) → None, recursively: metrics.json is canonical JSON."""
     if isinstance(value, dict):
         return {k: finite(v) for k, v in value.items()}
     return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def me_ppl_texts(project: Project) -> list[str]:
-    path = project.root / ME_PPL
-    if not path.exists():
-        raise StageError(f"{path} does not exist: run `dvc repro -P` (stage data) first")
-    return list(pd.read_parquet(path, columns=["Text"])["Text"])
 
 
 def retention_candidates(chain: list, active: tuple[str, ...]) -> tuple[list[Candidate], dict]:

@@ -19,16 +19,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
-import pandas as pd
 import torch
 
 from pipeline.editing.engine import apply_deltas
 from pipeline.evaluation.perplexity import perplexity
 from pipeline.ledger.atomic import sha256_json
 from pipeline.ledger.entry import Entry
-from pipeline.stages.common import Project, StageError, base_model
+from pipeline.stages.common import Project, base_model, me_ppl_texts
 
-PPL_TABLE = "me_ppl_50.parquet"
 MAX_LENGTH = 256
 BATCH_SIZE = 8
 
@@ -61,17 +59,6 @@ class GuardVerdict:
                 "refused": self.refused}
 
 
-def ppl_texts(project: Project) -> list[str]:
-    path = project.data / PPL_TABLE
-    try:
-        texts = pd.read_parquet(path, columns=["Text"])["Text"].tolist()
-    except (OSError, KeyError, ValueError) as exc:
-        raise StageError(f"the collapse guard needs {path} (the data stage writes it; `dvc repro -P`): {exc}") from None
-    if not texts:
-        raise StageError(f"{path} holds no texts for the collapse guard")
-    return texts
-
-
 def recorded_base_ppl(chain: Sequence[Entry], base_fingerprint: str, texts_sha256: str) -> float | None:
     """The base perplexity an earlier entry measured on the same base model and texts, if any."""
     for e in reversed(chain):
@@ -90,7 +77,7 @@ def judge(project: Project, max_ppl_ratio: float, model, tok, deltas: Mapping[st
     ``model`` is returned bit-for-bit as it was given (the edited parameters are copied back, not
     subtracted): the commit that follows checks its fingerprint.
     """
-    texts = ppl_texts(project)
+    texts = me_ppl_texts(project)
     sha = sha256_json(texts)
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in deltas}
