@@ -11,6 +11,11 @@ the mean number of iterations per batch.  One row is the unedited model.
     python benchmarks/compare_methods.py                       # the full table (hours on 2 CPU cores)
     python benchmarks/compare_methods.py --n 5 --batch 5 --variants pmet,pmet+iterative   # a smoke run
     python benchmarks/compare_methods.py --dry-run             # check the variants, print the plan
+    OMP_NUM_THREADS=1 python benchmarks/compare_methods.py --variants memit,jeep &   # split over processes
+    python benchmarks/compare_methods.py --table-only          # assemble the table from the row files
+
+Each variant's row is written to its own file under ``results/compare_methods_n300_b100/`` as
+soon as it is done; a rerun skips variants whose row exists (``--force`` recomputes them).
 
 A variant is ``METHOD[+iterative][+na|+nap]``.  Runs with fewer than 300 requests are written with
 ``smoke`` in the file name and a SMOKE RUN banner: they show that the script works, not results.
@@ -97,6 +102,46 @@ def evaluate_state(model, tok, reqs, editing_neighbors, texts, flu) -> dict:
     return row
 
 
+def run_tag(args) -> str:
+    tag = f"compare_methods{'_smoke' if args.n < FULL_N else ''}_n{args.n}_b{args.batch}"
+    if args.overrides:
+        tag += "_" + "_".join(f"{k}{v}" for k, v in sorted(args.overrides.items()))
+    return tag
+
+
+def row_file(rows_dir: Path, variant: str) -> Path:
+    return rows_dir / f"{variant.replace('+', '_plus_')}.json"
+
+
+def write_table(args, tag: str, rows_dir: Path, variants: list[str]) -> Path:
+    """Assemble the table from the per-variant row files present (a missing variant is listed as such)."""
+    smoke = args.n < FULL_N
+    rows, missing = [], []
+    for v in ["unedited", *variants]:
+        f = row_file(rows_dir, v)
+        if f.exists():
+            rows.append(json.loads(f.read_text()))
+        else:
+            missing.append(v)
+    meta = {"smoke_run": smoke, "model": "SmolLM2-135M-Instruct", "records": [args.start, args.start + args.n - 1],
+            "batch": args.batch, "hparams": args.hparams, "overrides": args.overrides, "neighbors": args.neighbors,
+            "fluency": "not computed (--skip-fluency)" if args.skip_fluency else "n-gram entropy of generations",
+            "missing_variants": missing}
+    (args.out / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    cols = ["variant", "efficacy", "generalization", "specificity", "score", "fluency", "me_ppl_50", "avg_iterations",
+            "edit_s", "threads"]
+    fmt = lambda x: "—" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines = [f"# {'SMOKE RUN — not a result: ' if smoke else ''}method comparison, SmolLM2-135M, CounterFact dev "
+             f"{args.start}–{args.start + args.n - 1}, sequential batches of {args.batch}", "",
+             f"fluency: {meta['fluency']}; hyper-parameter overrides for every variant: {args.overrides or 'none'}",
+             *(["", f"**not run yet:** {', '.join(missing)}"] if missing else []),
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    md = args.out / f"{tag}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
@@ -109,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--overrides", type=json.loads, default={},
                     help="JSON hyper-parameter overrides for every variant (e.g. a smaller cov_max_texts for a smoke run)")
     ap.add_argument("--skip-fluency", action="store_true", help="leave fluency out (column 'not computed')")
+    ap.add_argument("--force", action="store_true", help="recompute variants whose row file already exists")
+    ap.add_argument("--table-only", action="store_true", help="only assemble the table from the row files present")
     ap.add_argument("--dry-run", action="store_true", help="validate the variants and print the plan only")
     args = ap.parse_args(argv)
 
@@ -124,14 +171,22 @@ def main(argv=None) -> int:
         over = {**args.overrides, **over}
         hp = load_hparams(args.hparams, get_method(method).hparams_from, over)  # bad settings fail before work
         plan.append((v, method, hp))
+    tag = run_tag(args)
+    rows_dir = args.out / tag
     smoke = args.n < FULL_N
     batches = [(args.start + b, args.start + b + args.batch) for b in range(0, args.n, args.batch)]
     print(f"{'SMOKE RUN: ' if smoke else ''}{len(plan)} variants × records {args.start}..{args.start + args.n - 1} "
-          f"in {len(batches)} sequential batch(es) of {args.batch}")
+          f"in {len(batches)} sequential batch(es) of {args.batch}; rows in {rows_dir}")
+    todo = [(v, m, hp) for v, m, hp in plan if args.force or not row_file(rows_dir, v).exists()]
     for v, method, hp in plan:
+        state = "to run" if (v, method, hp) in todo else "done (row file present)"
         print(f"  {v}: method {method}, layers {list(hp.layers)}"
-              f"{f', high {list(hp.high_layers)}' if hp.high_layers else ''}, modifiers {hp.modifiers or 'none'}")
+              f"{f', high {list(hp.high_layers)}' if hp.high_layers else ''}, modifiers {hp.modifiers or 'none'}: {state}")
     if args.dry_run:
+        return 0
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        print(f"wrote {write_table(args, tag, rows_dir, variants)}")
         return 0
 
     import torch
@@ -148,10 +203,20 @@ def main(argv=None) -> int:
     records = sample_records("counterfact", args.start, args.n)
     all_reqs = parse_requests(copy.deepcopy(records))
     texts = me_ppl_texts()
-    rows = [{"variant": "unedited", **evaluate_state(lm.model, lm.tokenizer, all_reqs, None, texts, flu),
-             "avg_iterations": None, "edit_s": 0.0}]
-    print(json.dumps(rows[-1]))
-    for v, method, hp in plan:
+    threads = torch.get_num_threads()
+
+    def save(row: dict) -> None:
+        """One file per variant, written atomically: runs can be resumed, split over processes."""
+        f = row_file(rows_dir, row["variant"])
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, indent=2))
+        tmp.replace(f)
+        print(json.dumps({k: v for k, v in row.items() if k != "iterations"}), flush=True)
+
+    if args.force or not row_file(rows_dir, "unedited").exists():
+        save({"variant": "unedited", **evaluate_state(lm.model, lm.tokenizer, all_reqs, None, texts, flu),
+              "avg_iterations": None, "edit_s": 0.0, "threads": threads})
+    for v, method, hp in todo:
         lm.model.load_state_dict(base_state)
         neighbors, iters, trace, t0 = [], [], [], time.perf_counter()
         for lo, hi in batches:
@@ -161,33 +226,14 @@ def main(argv=None) -> int:
             iters.append(len(res.iterations) if res.iterations else 1)
             trace.append(res.iterations)  # per batch: p(θ_k, h̄_k), p(θ_k+1, ĥ_k), |Δp_k| of every iteration
             neighbors += res.editing_neighbors or [[] for _ in reqs]
+            print(f"  {v}: batch {lo}-{hi - 1} edited at {time.perf_counter() - t0:.0f} s", flush=True)
         edit_s = time.perf_counter() - t0
-        row = {"variant": v, **evaluate_state(lm.model, lm.tokenizer, all_reqs, neighbors if hp.neighbors else None,
-                                              texts, flu),
-               "avg_iterations": sum(iters) / len(iters), "edit_s": edit_s, "iterations": trace,
-               "neighbors_used": sum(len(x) for x in neighbors) if hp.neighbors else None}
-        rows.append(row)
-        print(json.dumps(row))
+        save({"variant": v, **evaluate_state(lm.model, lm.tokenizer, all_reqs, neighbors if hp.neighbors else None,
+                                             texts, flu),
+              "avg_iterations": sum(iters) / len(iters), "edit_s": edit_s, "threads": threads, "iterations": trace,
+              "neighbors_used": sum(len(x) for x in neighbors) if hp.neighbors else None})
     lm.model.load_state_dict(base_state)
-
-    tag = f"compare_methods{'_smoke' if smoke else ''}_n{args.n}_b{args.batch}"
-    if args.overrides:
-        tag += "_" + "_".join(f"{k}{v}" for k, v in sorted(args.overrides.items()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"smoke_run": smoke, "model": "SmolLM2-135M-Instruct", "records": [args.start, args.start + args.n - 1],
-            "batch": args.batch, "hparams": args.hparams, "overrides": args.overrides, "neighbors": args.neighbors,
-            "fluency": "not computed (--skip-fluency)" if flu is None else "n-gram entropy of generations"}
-    (args.out / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    cols = ["variant", "efficacy", "generalization", "specificity", "score", "fluency", "me_ppl_50", "avg_iterations",
-            "edit_s"]
-    fmt = lambda x: "—" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
-    lines = [f"# {'SMOKE RUN — not a result: ' if smoke else ''}method comparison, SmolLM2-135M, CounterFact dev "
-             f"{args.start}–{args.start + args.n - 1}, sequential batches of {args.batch}", "",
-             f"fluency: {meta['fluency']}; hyper-parameter overrides for every variant: {args.overrides or 'none'}",
-             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    (args.out / f"{tag}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / tag}.json and .md")
+    print(f"wrote {write_table(args, tag, rows_dir, variants)}")
     return 0
 
 
