@@ -196,6 +196,8 @@ def test_modifiers_are_hashed_but_defaults_keep_old_hashes():
            for h in (PMET_HP, it, nb, PMET_HP.replace(neighbors=2, neighbor_prefixes=True))}
     assert len(ids) == 4
     assert it.modifiers == {"iterative": {"max_iterations": 10, "epsilon": 1.0}}
+    assert (PMET_HP.modifier_label, it.modifier_label, nb.modifier_label) == ("", "+iterative", "+na2")
+    assert it.replace(neighbors=1, neighbor_prefixes=True).modifier_label == "+iterative+nap1"
 
 
 # ------------------------------------------------------------------------------------------ iterative

@@ -185,11 +185,12 @@ def test_cli_add_log_and_user_errors(project_dir):
     assert out.startswith("added ledger/0001-") and "2 requests, pmet" in out
     d = project_dir / "ledger" / out.split()[1].split("/")[1].rstrip(":")
     assert read_batch(d).hparams["layers"] == [1, 2] and read_batch(d).hparams["kl_factor"] == 1.0
-    invoke("add", "--requests", "req.json", "--method", "memit")
+    invoke("add", "--requests", "req.json", "--method", "memit", "--iterative")
     log = json.loads(invoke("log", "--json"))
-    assert [(r["seq"], r["method"], r["status"], r["n_requests"]) for r in log] == [(1, "pmet", "pending", 2),
-                                                                                   (2, "memit", "pending", 2)]
-    assert "pending" in invoke("log")
+    assert [(r["seq"], r["method"], r["modifiers"], r["status"], r["n_requests"]) for r in log] == [
+        (1, "pmet", "", "pending", 2), (2, "memit", "+iterative", "pending", 2)]
+    text = invoke("log")
+    assert "pending" in text and "memit+iterative" in text
     # one line, exit code 2
     assert "computes covariances only for layers [1, 2] and roles ['mlp_out']" in invoke(
         "add", "--requests", "req.json", "--method", "pmet-attn-write", code=2)
@@ -214,7 +215,7 @@ def test_cli_add_records_modifiers_and_rejects_bad_ones(project_dir):
     plain = invoke("add", "--requests", "req.json")
     it = invoke("add", "--requests", "req.json", "--iterative")
     nb = invoke("add", "--requests", "req_nb.json", "--neighbors", "2")
-    assert "+iterative" in it and "+neighbors" in nb and "+" not in plain.split(",")[1]
+    assert "pmet+iterative;" in it and "pmet+na2;" in nb and "+" not in plain.split(",")[1]
     dirs = [project_dir / "ledger" / o.split()[1].split("/")[1].rstrip(":") for o in (plain, it, nb)]
     hps = [read_batch(d).hparams for d in dirs]
     assert "iterative" not in hps[0] and hps[1]["iterative"] is True and hps[2]["neighbors"] == 2

@@ -39,7 +39,7 @@ def test_iterative_na_and_jeep_batches_through_dvc(tmp_path):
     na_records = _with_neighbors(model, tok)
     f1 = requests_file(repo, "b1", na_records)
     f2 = requests_file(repo, "b2", RECORDS[2:4])
-    assert "+iterative +neighbors" in cli(repo, "add", "--requests", str(f1), "--iterative", "--neighbors", "1").output
+    assert "pmet+iterative+na1" in cli(repo, "add", "--requests", str(f1), "--iterative", "--neighbors", "1").output
     cli(repo, "add", "--requests", str(f2), "--method", "jeep-separate")
     dvc(repo, "repro", "-P")
 

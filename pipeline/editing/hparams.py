@@ -138,6 +138,14 @@ class HParams:
             out["neighbors"] = {"n": self.neighbors, "prefixes": self.neighbor_prefixes, "weight": self.neighbor_weight}
         return out
 
+    @property
+    def modifier_label(self) -> str:
+        """``'+iterative+na1'`` / ``'+nap2'`` / ``''``: how ``log`` and the tables name a batch's modifiers."""
+        label = "+iterative" if self.iterative else ""
+        if self.neighbors:
+            label += f"+{'nap' if self.neighbor_prefixes else 'na'}{self.neighbors}"
+        return label
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HParams:
         known = {f.name for f in fields(cls)}

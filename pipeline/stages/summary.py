@@ -1,7 +1,7 @@
 """Stage ``summary`` (and ``editledger log`` / ``report``): the history of the ledger, one row per batch.
 
 :func:`ledger_table` — one row per batch directory, committed or not: sequence, directory, entry
-id, kind, method, number of requests, status, whether it is active now, the number of requests
+id, kind, method, its modifiers (``+iterative``, ``+na1`` …), number of requests, status, whether it is active now, the number of requests
 active after it, its evaluation (``base_``: the unedited model, ``pre_``: the parent state,
 ``post_``: this state — on the batch's own requests; ``ret_``: this state on the retained earlier
 edits; ``ppl``: ME-PPL-50 perplexity) and the norm of its weight change per layer.  Status is
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.editing.hparams import HParams
 from pipeline.evaluation.suite import CONSISTENCY_KEY
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import BatchError, read_batch
@@ -38,7 +39,7 @@ HEADLINE = ("efficacy", "generalization", "specificity", "score")
 METRICS = (*HEADLINE, *(f"{m}_{q}" for q in ("magnitude", "accuracy") for m in HEADLINE[:3]), "fluency",
            CONSISTENCY_KEY)
 PHASES = ("base", "pre", "post", "ret")
-COLUMNS = ["seq", "dir", "id", "kind", "method", "protocol", "n_requests", "n_active_requests", "status", "active",
+COLUMNS = ["seq", "dir", "id", "kind", "method", "modifiers", "protocol", "n_requests", "n_active_requests", "status", "active",
            "approximate", "target", "mode", "reapplies", "created_at", "edit_s", "ppl_base", "ppl",
            "retention_mode", "retention_n", "retention_available", "delta_norm"] + [
            f"{p}_{m}" for p in PHASES for m in METRICS]
@@ -98,6 +99,7 @@ def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
             b = read_batch(d.path)
             row.update(kind=b.kind, method=b.method, target=b.target, mode=b.mode, reapplies=b.reapplies)
             if b.kind == "edit":
+                row["modifiers"] = HParams.from_dict(b.hparams).modifier_label
                 row["n_requests"] = len(pd.read_parquet(d.path / REQUESTS_FILE, columns=["index"]))
         except (BatchError, OSError, ValueError):
             row["status"] = "invalid"
