@@ -58,6 +58,12 @@ def test_iterative_na_and_jeep_batches_through_dvc(tmp_path):
     for i, rec in enumerate(na_records):
         prompts = set(ev[(ev["kind"] == "neighborhood") & (ev["request"] == i)]["prompt"])
         assert rec["neighborhood_prompts"][0] not in prompts and rec["neighborhood_prompts"][1] in prompts
+    # ... nor of its retention, evaluated again after batch 2
+    ret = pd.read_parquet(e2.path / "eval.parquet")
+    ret = ret[(ret["phase"] == "retention") & (ret["batch"] == e1.dirname) & (ret["kind"] == "neighborhood")]
+    for i, rec in enumerate(na_records):
+        prompts = set(ret[ret["request"] == i]["prompt"])
+        assert rec["neighborhood_prompts"][0] not in prompts and rec["neighborhood_prompts"][1] in prompts
 
     # the pipeline's weights after batch 1 are those of a direct edit with the same settings
     hp = HParams.from_dict(yaml.safe_load((e1.path / "batch.yaml").read_text())["hparams"])

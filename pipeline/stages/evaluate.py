@@ -45,17 +45,21 @@ def finite(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def retention_candidates(chain: list, active: tuple[str, ...]) -> tuple[list[Candidate], dict]:
-    """The requests of the active edit entries of ``chain`` but its last, as retention candidates
-    (and the requests themselves by candidate; full records, since evaluation needs their prompts)."""
-    cands, reqs = [], {}
+def retention_candidates(chain: list, active: tuple[str, ...]) -> tuple[list[Candidate], dict, dict]:
+    """The requests of the active edit entries of ``chain`` but its last, as retention candidates,
+    with the requests themselves by candidate (full records: evaluation needs their prompts) and
+    the neighbour prompts each was edited with (neighbour-assisted batches), which stay out of its
+    specificity in retention as they did after its own batch."""
+    cands, reqs, neighbors = [], {}, {}
     for e in chain[:-1]:
         if e.id in active and e.kind == "edit":
+            used = (e.manifest.get("metrics") or {}).get("editing_neighbors")
             for i, r in enumerate(read_requests(e.path)):
                 c = Candidate(e.dirname, i, canonical_json(r.canonical()))
                 cands.append(c)
                 reqs[c] = r
-    return cands, reqs
+                neighbors[c] = list(used[i]) if used else []
+    return cands, reqs, neighbors
 
 
 def run(batch_dir: str | Path) -> dict:
@@ -110,14 +114,16 @@ def run(batch_dir: str | Path) -> dict:
     timings["perplexity_post_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cands, pool = retention_candidates(chain, states[-1].active)
+    cands, pool, used = retention_candidates(chain, states[-1].active)
     rp = plan(batch.seq, cands, settings.retention)
     chosen = [pool[c] for c in rp.chosen]
     retention = {**rp.describe(), "metrics": {}}
     for protocol, positions in by_protocol(chosen).items():
         group = [chosen[i] for i in positions]
+        excluded = [used[rp.chosen[i]] for i in positions]
         metrics, df = evaluate_state(model, tok, group, settings.generation,
-                                     tfidf if settings.retention.generation else None)
+                                     tfidf if settings.retention.generation else None,
+                                     excluded if any(excluded) else None)
         retention["metrics"][protocol] = finite(metrics)
         origin = [rp.chosen[positions[i]] for i in df["request"]]
         rows.append(df.assign(phase="retention", batch=[c.batch for c in origin],
