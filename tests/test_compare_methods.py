@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,21 @@ def test_parse_variant(cm):
     assert cm.parse_variant("pmet", 1) == ("pmet", {})
     assert cm.parse_variant("jeep+iterative+nap", 2) == ("jeep", {"iterative": True, "neighbors": 2,
                                                                  "neighbor_prefixes": True})
+
+
+def test_table_is_assembled_from_the_row_files_present(cm, tmp_path, capsys):
+    """Each variant's row is its own file: a rerun skips it and the table names what is missing."""
+    args = ["--n", "5", "--batch", "5", "--variants", "pmet,pmet+na,memit", "--out", str(tmp_path)]
+    rows = tmp_path / "compare_methods_smoke_n5_b5"
+    rows.mkdir()
+    (rows / "unedited.json").write_text('{"variant": "unedited", "efficacy": 0.25, "threads": 2}')
+    (rows / "pmet_plus_na.json").write_text('{"variant": "pmet+na", "efficacy": 0.75, "avg_iterations": 1.0}')
+    assert cm.main(["--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    assert "pmet+na: method pmet" in out and out.count("done (row file present)") == 1 and out.count("to run") == 2
+    assert cm.main(["--table-only", *args]) == 0
+    md = (tmp_path / "compare_methods_smoke_n5_b5.md").read_text()
+    assert "**not run yet:** pmet, memit" in md
+    assert "| unedited | 0.250 |" in md and "| pmet+na | 0.750 |" in md
+    assert [r["variant"] for r in json.loads((tmp_path / "compare_methods_smoke_n5_b5.json").read_text())["rows"]] == [
+        "unedited", "pmet+na"]
