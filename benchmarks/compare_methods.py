@@ -57,49 +57,33 @@ def parse_variant(text: str, neighbors: int) -> tuple[str, dict]:
     return method, overrides
 
 
-def fluency_metric():
-    """The fluency metric from pipeline.evaluation (written concurrently on another branch)."""
-    try:
-        from pipeline.evaluation.fluency import fluency
-        from pipeline.evaluation.generation import DecodingSettings, generate
-    except ImportError as exc:
-        # TODO(merge): pipeline/evaluation/fluency.py and generation.py come from the evaluation
-        # branch; until they are merged there is no fluency number.  Fail loudly, never fake it.
-        raise SystemExit(f"error: fluency metric unavailable ({exc}); merge the evaluation branch "
-                         "(pipeline/evaluation/fluency.py, generation.py) or pass --skip-fluency") from None
-
-    def run(model, tok, reqs) -> float:
-        prompts, keys, owner = [], [], []
-        settings = DecodingSettings()
-        for i, r in enumerate(reqs):
-            for j, p in enumerate((r.record.get("generation_prompts") or [])[: settings.prompts_per_record]):
-                prompts.append(p)
-                keys.append(f"{r.case_id!r}\0{r.subject}\0{r.target_new}\0{j}")
-                owner.append(i)
-        texts = generate(model, tok, prompts, keys, settings)
-        per = {}
-        for i, t in zip(owner, texts):
-            per.setdefault(i, []).append(t)
-        return sum(fluency(v) for v in per.values()) / len(per)
-
-    return run
-
-
 def me_ppl_texts() -> list[str]:
     from pipeline.data import verified_path
 
     return [r["Text"] for r in json.loads(verified_path("me_ppl_50").read_text(encoding="utf-8"))]
 
 
-def evaluate_state(model, tok, reqs, editing_neighbors, texts, flu) -> dict:
+def evaluate_state(model, tok, reqs, editing_neighbors, texts: list[str], tfidf) -> dict:
+    """The headline row of one model state: the evaluate stage's suite (CounterFact protocol, and
+    with ``tfidf`` the generation metrics, default decoding settings) plus ME-PPL-50 perplexity."""
+    from pipeline.evaluation.generation import DecodingSettings
     from pipeline.evaluation.perplexity import perplexity
-    from pipeline.evaluation.protocols import evaluate
+    from pipeline.evaluation.suite import evaluate_state as suite_state
 
-    m, _ = evaluate(model, tok, reqs, editing_neighbors)
-    row = {k: m[k] for k in ("efficacy", "generalization", "specificity", "score")}
+    m, _ = suite_state(model, tok, reqs, DecodingSettings(), tfidf, editing_neighbors)
+    row = {k: m.get(k) for k in ("efficacy", "generalization", "specificity", "score", "fluency")}
     row["me_ppl_50"] = perplexity(model, tok, texts)
-    row["fluency"] = flu(model, tok, reqs) if flu else None
     return row
+
+
+def generation_tfidf(skip: bool):
+    """The IDF the suite's generation metrics need (WikiText sample), or None to skip them."""
+    if skip:
+        return None
+    from pipeline.editing.engine import default_corpus
+    from pipeline.evaluation.suite import wikitext_tfidf
+
+    return wikitext_tfidf(default_corpus())
 
 
 def run_tag(args) -> str:
@@ -153,7 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--overrides", type=json.loads, default={},
                     help="JSON hyper-parameter overrides for every variant (e.g. a smaller cov_max_texts for a smoke run)")
-    ap.add_argument("--skip-fluency", action="store_true", help="leave fluency out (column 'not computed')")
+    ap.add_argument("--skip-fluency", action="store_true",
+                    help="leave fluency out (column 'not computed')")
     ap.add_argument("--force", action="store_true", help="recompute variants whose row file already exists")
     ap.add_argument("--table-only", action="store_true", help="only assemble the table from the row files present")
     ap.add_argument("--dry-run", action="store_true", help="validate the variants and print the plan only")
@@ -196,7 +181,7 @@ def main(argv=None) -> int:
     from pipeline.editing.requests import parse_requests
     from pipeline.models.loading import load_model
 
-    flu = None if args.skip_fluency else fluency_metric()
+    tfidf = generation_tfidf(args.skip_fluency)
     torch.manual_seed(0)
     lm = load_model()
     base_state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
@@ -214,7 +199,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "iterations"}), flush=True)
 
     if args.force or not row_file(rows_dir, "unedited").exists():
-        save({"variant": "unedited", **evaluate_state(lm.model, lm.tokenizer, all_reqs, None, texts, flu),
+        save({"variant": "unedited", **evaluate_state(lm.model, lm.tokenizer, all_reqs, None, texts, tfidf),
               "avg_iterations": None, "edit_s": 0.0, "threads": threads})
     for v, method, hp in todo:
         lm.model.load_state_dict(base_state)
@@ -229,7 +214,7 @@ def main(argv=None) -> int:
             print(f"  {v}: batch {lo}-{hi - 1} edited at {time.perf_counter() - t0:.0f} s", flush=True)
         edit_s = time.perf_counter() - t0
         save({"variant": v, **evaluate_state(lm.model, lm.tokenizer, all_reqs, neighbors if hp.neighbors else None,
-                                             texts, flu),
+                                             texts, tfidf),
               "avg_iterations": sum(iters) / len(iters), "edit_s": edit_s, "threads": threads, "iterations": trace,
               "neighbors_used": sum(len(x) for x in neighbors) if hp.neighbors else None})
     lm.model.load_state_dict(base_state)

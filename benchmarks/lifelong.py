@@ -1,0 +1,187 @@
+"""Benchmark 4 of issue 6: the lifelong run.  CounterFact dev edits in sequential batches (default
+2000 = 20 × 100) on SmolLM2-135M, one history per method on the same requests, with
+
+* after every batch: the batch's own edits (efficacy, generalisation, specificity) and the
+  *retention curve* — a seeded sample of the edits of all earlier batches, drawn as the evaluate
+  stage draws it (:mod:`pipeline.evaluation.retention`), teacher-forced metrics only;
+* after the last batch: every edit of the history (efficacy, generalisation, specificity, score),
+  fluency (n-gram entropy) and ME-PPL-50 perplexity, the unedited model alongside.
+
+It runs for hours on a 2-core CPU, so it is resumable: after each batch the edited weights are
+checkpointed (only the parameters that changed, under the editledger cache) and the batch's row
+appended to ``curve.jsonl``; a rerun continues after the last completed batch.  The weights are
+updated in place batch after batch exactly as ``edit(..., apply=True)`` does, and the checkpoint
+holds those tensors themselves, so a resumed history equals an uninterrupted one bit for bit.
+
+    python benchmarks/lifelong.py                                   # pmet and memit, 20 × 100
+    python benchmarks/lifelong.py --methods memit --n 40 --batch 20 # a smoke run (labelled smoke)
+    python benchmarks/lifelong.py --table-only                      # LIFELONG.md from what exists
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FULL_N = 2000
+
+
+def run_dir(out: Path, n: int, batch: int, start: int) -> Path:
+    return out / f"lifelong{'_smoke' if n < FULL_N else ''}_n{n}_b{batch}_s{start}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_table(rdir: Path, methods: list[str], n: int, batch: int) -> Path:
+    """``LIFELONG.md`` in the run directory: progress, final metrics and the retention curve per method."""
+    lines = [f"# {'SMOKE RUN — not a result: ' if n < FULL_N else ''}lifelong editing, SmolLM2-135M, "
+             f"{n} CounterFact dev edits in {n // batch} sequential batches of {batch}", ""]
+    base = rdir / "unedited.json"
+    finals = []
+    if base.exists():
+        finals.append({"method": "unedited", **json.loads(base.read_text())})
+    for m in methods:
+        curve = read_jsonl(rdir / m / "curve.jsonl")
+        final = rdir / m / "final.json"
+        wall = sum(r["edit_s"] + r["eval_s"] for r in curve)
+        if final.exists():
+            f = json.loads(final.read_text())
+            finals.append({"method": m, **f["metrics"], "wall_s": wall + f["eval_s"], "batches": len(curve)})
+        else:
+            finals.append({"method": m, "batches": len(curve), "wall_s": wall})
+    cols = ["method", "batches", "efficacy", "generalization", "specificity", "score", "fluency", "me_ppl_50", "wall_s"]
+    fmt = lambda x: "—" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines += ["## After the last batch (every edit of the history)", "",
+              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in finals]
+    lines += ["", "`—`: not reached yet (a history without its final evaluation has not finished), or fluency skipped (`--skip-fluency`).", "",
+              "## Retention curve (after batch t: seeded sample of the edits of batches 1..t-1)", "",
+              "| method | batch | edits | own efficacy | own generalization | retained n | retained efficacy "
+              "| retained generalization | retained specificity | edit s | eval s |", "|" + "---|" * 11]
+    for m in methods:
+        for r in read_jsonl(rdir / m / "curve.jsonl"):
+            own, ret = r["own"], r.get("retention") or {}
+            lines.append(f"| {m} | {r['batch']} | {r['edits']} | {fmt(own['efficacy'])} | {fmt(own['generalization'])} "
+                         f"| {r['retention_n']} | {fmt(ret.get('efficacy'))} | {fmt(ret.get('generalization'))} "
+                         f"| {fmt(ret.get('specificity'))} | {r['edit_s']:.0f} | {r['eval_s']:.0f} |")
+    path = rdir / "LIFELONG.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: int = 0,
+         retention_sample: int = 100, hparams: str = "smollm2-135m-instruct",
+         out: Path = ROOT / "benchmarks" / "results", skip_fluency: bool = False, table_only: bool = False):
+    """Edit ``n`` requests in batches of ``batch`` with each method; resumable (see the module doc)."""
+    from pipeline.editing.hparams import load_hparams
+    from pipeline.editing.methods import get_method
+
+    if n < 1 or batch < 1 or n % batch:
+        raise typer.BadParameter(f"--n ({n}) must be a positive multiple of --batch ({batch})")
+    if retention_sample < 1:
+        raise typer.BadParameter("--retention-sample must be ≥ 1")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    hps = {m: load_hparams(hparams, get_method(m).hparams_from) for m in names}  # bad names fail here
+    rdir = run_dir(out, n, batch, start)
+    rdir.mkdir(parents=True, exist_ok=True)
+    if table_only:
+        typer.echo(f"wrote {write_table(rdir, names, n, batch)}")
+        return
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from compare_methods import evaluate_state, generation_tfidf, me_ppl_texts
+    from pipeline.data import sample_records
+    from pipeline.editing.engine import edit
+    from pipeline.editing.requests import parse_requests
+    from pipeline.evaluation.protocols import evaluate
+    from pipeline.evaluation.retention import Candidate, RetentionSettings, plan
+    from pipeline.ledger.atomic import canonical_json
+    from pipeline.models.loading import cache_home, load_model
+
+    torch.manual_seed(0)
+    lm = load_model()
+    model, tok = lm.model, lm.tokenizer
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    reqs = parse_requests(copy.deepcopy(sample_records("counterfact", start, n)))
+    keys = [canonical_json(r.canonical()) for r in reqs]
+    texts, tfidf = me_ppl_texts(), generation_tfidf(skip_fluency)
+    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "processor": platform.processor() or platform.machine()}
+    (rdir / "machine.json").write_text(json.dumps(machine, indent=2))
+    if not (rdir / "unedited.json").exists():
+        t0 = time.perf_counter()
+        row = evaluate_state(model, tok, reqs, None, texts, tfidf)
+        (rdir / "unedited.json").write_text(json.dumps({**row, "eval_s": time.perf_counter() - t0}, indent=2))
+    ckpt_root = cache_home() / "benchmarks" / rdir.name
+    settings = RetentionSettings(sample=retention_sample, full_every=0, generation=False, seed=0)
+
+    for m in names:
+        mdir = rdir / m
+        mdir.mkdir(exist_ok=True)
+        curve_path = mdir / "curve.jsonl"
+        curve = read_jsonl(curve_path)
+        model.load_state_dict(base_state)
+        ckpt = ckpt_root / f"{m}.safetensors"
+        if curve:
+            if not ckpt.exists():
+                raise SystemExit(f"error: {curve_path} has {len(curve)} batches but the checkpoint {ckpt} is missing; "
+                                 f"delete {mdir} to start {m} again")
+            model.load_state_dict(load_file(ckpt), strict=False)
+        for b in range(len(curve), n // batch):
+            lo, hi = b * batch, (b + 1) * batch
+            t0 = time.perf_counter()
+            res = edit(model, tok, reqs[lo:hi], method=m, hparams=hps[m], apply=True, fingerprint=lm.fingerprint,
+                       progress=False)
+            edit_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            own, _ = evaluate(model, tok, reqs[lo:hi])
+            chosen = plan(b + 1, [Candidate(f"{i // batch:04d}", i, keys[i]) for i in range(lo)], settings).chosen
+            ret = evaluate(model, tok, [reqs[c.index] for c in chosen])[0] if chosen else None
+            pick = lambda d: {k: d[k] for k in ("efficacy", "generalization", "specificity", "score")}  # noqa: E731
+            row = {"batch": b + 1, "edits": hi, "edit_s": edit_s, "eval_s": time.perf_counter() - t0,
+                   "mean_steps": sum(res.steps) / len(res.steps), "own": pick(own), "retention_n": len(chosen),
+                   "retention": pick(ret) if ret else None}
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            changed = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in res.deltas}
+            prev = load_file(ckpt) if b else {}
+            tmp = ckpt.with_suffix(".tmp")
+            save_file({**prev, **changed}, str(tmp))
+            tmp.replace(ckpt)  # the checkpoint first: a row in curve.jsonl always has its weights
+            append_jsonl(curve_path, row)
+            typer.echo(f"{m}: batch {b + 1}/{n // batch} edit {edit_s:.0f} s, own efficacy {own['efficacy']:.2f}, "
+                       f"retained efficacy {row['retention']['efficacy'] if ret else float('nan'):.2f}")
+        final = mdir / "final.json"
+        if not final.exists():
+            t0 = time.perf_counter()
+            row = evaluate_state(model, tok, reqs, None, texts, tfidf)
+            final.write_text(json.dumps({"metrics": row, "eval_s": time.perf_counter() - t0, "machine": machine},
+                                        indent=2))
+        write_table(rdir, names, n, batch)
+    model.load_state_dict(base_state)
+    typer.echo(f"wrote {write_table(rdir, names, n, batch)}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
