@@ -1,0 +1,43 @@
+"""benchmarks/lifelong.py assembles its table from the files a (possibly unfinished) history left."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lifelong.py"
+
+
+@pytest.fixture(scope="module")
+def ll():
+    spec = importlib.util.spec_from_file_location("lifelong", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(batch: int, eff: float, retained: float | None) -> dict:
+    m = {"efficacy": eff, "generalization": 0.5, "specificity": 0.75, "score": 0.6}
+    return {"batch": batch, "edits": 2 * batch, "edit_s": 10.0, "eval_s": 2.0, "mean_steps": 20.0, "own": m,
+            "retention_n": 0 if retained is None else 2,
+            "retention": None if retained is None else {**m, "efficacy": retained}}
+
+
+def test_table_reports_finished_and_unfinished_histories(ll, tmp_path):
+    rdir = ll.run_dir(tmp_path, 4, 2, 0)
+    assert rdir.name == "lifelong_smoke_n4_b2_s0"
+    for m in ("pmet", "memit"):
+        (rdir / m).mkdir(parents=True)
+    (rdir / "unedited.json").write_text(json.dumps({"efficacy": 0.25, "me_ppl_50": 94.0, "eval_s": 5.0}))
+    for r in (_row(1, 1.0, None), _row(2, 0.5, 0.25)):
+        ll.append_jsonl(rdir / "pmet" / "curve.jsonl", r)
+    (rdir / "pmet" / "final.json").write_text(json.dumps({"metrics": {"efficacy": 0.75, "fluency": 6.1}, "eval_s": 6.0}))
+    ll.append_jsonl(rdir / "memit" / "curve.jsonl", _row(1, 1.0, None))  # interrupted after batch 1
+    md = ll.write_table(rdir, ["pmet", "memit"], 4, 2).read_text()
+    assert md.startswith("# SMOKE RUN")
+    assert "| pmet | 2 | 0.750 | — | — | — | 6.100 | — | 30.000 |" in md  # 2 × (10 + 2) s + final 6 s
+    assert "| memit | 1 | — |" in md
+    assert "| pmet | 2 | 4 | 0.500 | 0.500 | 2 | 0.250 |" in md and "| memit | 1 | 2 | 1.000 | 0.500 | 0 | — |" in md
