@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,23 @@ def write_table(args, tag: str, rows_dir: Path, variants: list[str]) -> Path:
     return md
 
 
+def claim(rows_dir: Path, variant: str, force: bool) -> bool:
+    """Take ``variant`` for this process: False if its row exists (unless ``force``) or a live
+    process holds its claim file, so that several processes can work through one list."""
+    if row_file(rows_dir, variant).exists() and not force:
+        return False
+    lock = row_file(rows_dir, variant).with_suffix(".claim")
+    try:
+        holder = int(lock.read_text() or 0)
+        os.kill(holder, 0)
+        if holder != os.getpid():
+            return False
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass  # free, or its holder died
+    lock.write_text(str(os.getpid()))
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
@@ -196,12 +214,16 @@ def main(argv=None) -> int:
         tmp = f.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=2))
         tmp.replace(f)
+        f.with_suffix(".claim").unlink(missing_ok=True)
         print(json.dumps({k: v for k, v in row.items() if k != "iterations"}), flush=True)
 
     if args.force or not row_file(rows_dir, "unedited").exists():
         save({"variant": "unedited", **evaluate_state(lm.model, lm.tokenizer, all_reqs, None, texts, tfidf),
               "avg_iterations": None, "edit_s": 0.0, "threads": threads})
     for v, method, hp in todo:
+        if not claim(rows_dir, v, args.force):
+            print(f"  {v}: done or running in another process, skipped", flush=True)
+            continue
         lm.model.load_state_dict(base_state)
         neighbors, iters, trace, t0 = [], [], [], time.perf_counter()
         for lo, hi in batches:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,19 @@ def test_table_is_assembled_from_the_row_files_present(cm, tmp_path, capsys):
     assert "| unedited | 0.250 |" in md and "| pmet+na | 0.750 |" in md
     assert [r["variant"] for r in json.loads((tmp_path / "compare_methods_smoke_n5_b5.json").read_text())["rows"]] == [
         "unedited", "pmet+na"]
+
+
+def test_claims_let_several_processes_share_one_list(cm, tmp_path):
+    import subprocess
+    import sys
+
+    assert cm.claim(tmp_path, "pmet+na", force=False)  # free: taken
+    assert cm.claim(tmp_path, "pmet+na", force=False)  # held by this very process: still ours
+    lock = cm.row_file(tmp_path, "pmet+na").with_suffix(".claim")
+    lock.write_text(str(os.getppid()))  # a live process holds it
+    assert not cm.claim(tmp_path, "pmet+na", force=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())  # its holder died: taken over
+    assert cm.claim(tmp_path, "pmet+na", force=False)
+    cm.row_file(tmp_path, "memit").write_text("{}")  # done
+    assert not cm.claim(tmp_path, "memit", force=False) and cm.claim(tmp_path, "memit", force=True)
