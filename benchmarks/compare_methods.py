@@ -121,7 +121,8 @@ def write_table(args, tag: str, rows_dir: Path, variants: list[str]) -> Path:
              f"fluency: {meta['fluency']}; hyper-parameter overrides for every variant: {args.overrides or 'none'}",
              *(["", f"**not run yet:** {', '.join(missing)}"] if missing else []),
              "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    shown = lambda r, c: None if c == "avg_iterations" and "+iterative" not in r["variant"] else r.get(c)  # noqa: E731
+    lines += ["| " + " | ".join(fmt(shown(r, c)) for c in cols) + " |" for r in rows]
     md = args.out / f"{tag}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
