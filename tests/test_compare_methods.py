@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_methods.py"
+from benchmark_support import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def cm():
-    spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("compare_methods")
 
 
 def test_dry_run_resolves_every_default_variant(cm, capsys):

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lifelong.py"
+from benchmark_support import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ll():
-    spec = importlib.util.spec_from_file_location("lifelong", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("lifelong")
 
 
 def _row(batch: int, eff: float, retained: float | None) -> dict:
