@@ -58,12 +58,6 @@ def parse_variant(text: str, neighbors: int) -> tuple[str, dict]:
     return method, overrides
 
 
-def me_ppl_texts() -> list[str]:
-    from pipeline.data import verified_path
-
-    return [r["Text"] for r in json.loads(verified_path("me_ppl_50").read_text(encoding="utf-8"))]
-
-
 def evaluate_state(model, tok, reqs, editing_neighbors, texts: list[str], tfidf) -> dict:
     """The headline row of one model state: the evaluate stage's suite (CounterFact protocol, and
     with ``tfidf`` the generation metrics, default decoding settings) plus ME-PPL-50 perplexity."""
@@ -195,7 +189,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.data import sample_records
+    from pipeline.data import me_ppl_texts, sample_records
     from pipeline.editing.engine import edit
     from pipeline.editing.requests import parse_requests
     from pipeline.models.loading import load_model

@@ -28,7 +28,7 @@ import transformers
 import typer
 
 from pipeline.config import load_params
-from pipeline.data import sample_records, verified_path
+from pipeline.data import me_ppl_texts, sample_records, verified_path
 from pipeline.editing.requests import RequestError, parse_record
 from pipeline.evaluation.perplexity import perplexity
 from pipeline.evaluation.suite import EvalSettings, evaluate_state, wikitext_tfidf
@@ -72,7 +72,7 @@ def main(model: str = typer.Option(None, help="HF model directory (default: Smol
     lm = load_model(model or cfg["model"]["path"], device=cfg["model"]["device"], dtype=cfg["model"]["dtype"])
     m, tok = lm.model, lm.tokenizer
     tfidf, fit_s = timed(wikitext_tfidf, verified_path("wikitext"))
-    texts = [r["Text"] for r in json.loads(verified_path("me_ppl_50").read_text(encoding="utf-8"))]
+    texts = me_ppl_texts()
     cf, cf_skipped = requests_of("counterfact", n_counterfact)
     zs, zs_skipped = requests_of("zsre", n_zsre)
 

@@ -35,6 +35,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FULL_N = 2000
+HEADLINE = ("efficacy", "generalization", "specificity", "score")
+
+
+def pick(metrics: dict) -> dict:
+    return {k: metrics[k] for k in HEADLINE}
 
 
 def run_dir(out: Path, n: int, batch: int, start: int) -> Path:
@@ -111,8 +116,8 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
     import torch
     from safetensors.torch import load_file, save_file
 
-    from compare_methods import evaluate_state, generation_tfidf, me_ppl_texts
-    from pipeline.data import sample_records
+    from compare_methods import evaluate_state, generation_tfidf
+    from pipeline.data import me_ppl_texts, sample_records
     from pipeline.editing.engine import edit
     from pipeline.editing.requests import parse_requests
     from pipeline.evaluation.protocols import evaluate
@@ -144,11 +149,14 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
         curve = read_jsonl(curve_path)
         model.load_state_dict(base_state)
         ckpt = ckpt_root / f"{m}.safetensors"
+        changed: set[str] = set()  # parameters the history has written so far (what the checkpoint holds)
         if curve:
             if not ckpt.exists():
                 raise SystemExit(f"error: {curve_path} has {len(curve)} batches but the checkpoint {ckpt} is missing; "
                                  f"delete {mdir} to start {m} again")
-            model.load_state_dict(load_file(ckpt), strict=False)
+            saved = load_file(ckpt)
+            model.load_state_dict(saved, strict=False)
+            changed = set(saved)
         for b in range(len(curve), n // batch):
             lo, hi = b * batch, (b + 1) * batch
             t0 = time.perf_counter()
@@ -159,15 +167,14 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
             own, _ = evaluate(model, tok, reqs[lo:hi])
             chosen = plan(b + 1, [Candidate(f"{i // batch:04d}", i, keys[i]) for i in range(lo)], settings).chosen
             ret = evaluate(model, tok, [reqs[c.index] for c in chosen])[0] if chosen else None
-            pick = lambda d: {k: d[k] for k in ("efficacy", "generalization", "specificity", "score")}  # noqa: E731
             row = {"batch": b + 1, "edits": hi, "edit_s": edit_s, "eval_s": time.perf_counter() - t0,
                    "mean_steps": sum(res.steps) / len(res.steps), "own": pick(own), "retention_n": len(chosen),
                    "retention": pick(ret) if ret else None}
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            changed = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in res.deltas}
-            prev = load_file(ckpt) if b else {}
+            changed |= set(res.deltas)
+            state = model.state_dict()
             tmp = ckpt.with_suffix(".tmp")
-            save_file({**prev, **changed}, str(tmp))
+            save_file({k: state[k].detach().contiguous() for k in changed}, str(tmp))
             tmp.replace(ckpt)  # the checkpoint first: a row in curve.jsonl always has its weights
             append_jsonl(curve_path, row)
             typer.echo(f"{m}: batch {b + 1}/{n // batch} edit {edit_s:.0f} s, own efficacy {own['efficacy']:.2f}, "

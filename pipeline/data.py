@@ -68,6 +68,12 @@ def verified_path(name: str, root: Path | None = None) -> Path:
     return path
 
 
+def me_ppl_texts(root: Path | None = None) -> list[str]:
+    """The ME-PPL-50 texts of the shared mirror (verified), for scripts outside a project; the
+    pipeline's stages read the data stage's copy instead (``stages.common.me_ppl_texts``)."""
+    return [r["Text"] for r in json.loads(verified_path("me_ppl_50", root).read_text(encoding="utf-8"))]
+
+
 def sample_records(name: str, start: int, n: int, root: Path | None = None) -> list[dict]:
     """Records ``start .. start+n`` of a JSON dataset, in file order (deterministic)."""
     if start < 0 or n < 1:

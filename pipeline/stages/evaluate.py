@@ -38,6 +38,7 @@ from pipeline.stages.keys_values import read_passes
 from pipeline.ledger.store import load
 from pipeline.stages.common import CORPUS, Project, StageError, base_model, me_ppl_texts
 
+
 def finite(value: Any) -> Any:
     """NaN (a kind of prompt the requests do not have) → None, recursively: metrics.json is canonical JSON."""
     if isinstance(value, dict):

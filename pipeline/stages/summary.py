@@ -1,8 +1,8 @@
 """Stage ``summary`` (and ``editledger log`` / ``report``): the history of the ledger, one row per batch.
 
 :func:`ledger_table` — one row per batch directory, committed or not: sequence, directory, entry
-id, kind, method, its modifiers (``+iterative``, ``+na1`` …), number of requests, status, whether it is active now, the number of requests
-active after it, its evaluation (``base_``: the unedited model, ``pre_``: the parent state,
+id, kind, method, its modifiers (``+iterative``, ``+na1`` …), number of requests, status, whether
+it is active now, the number of requests active after it, its evaluation (``base_``: the unedited model, ``pre_``: the parent state,
 ``post_``: this state — on the batch's own requests; ``ret_``: this state on the retained earlier
 edits; ``ppl``: ME-PPL-50 perplexity) and the norm of its weight change per layer.  Status is
 ``committed``, ``refused`` (committed, but the collapse guard kept it out of the state),
@@ -39,8 +39,8 @@ HEADLINE = ("efficacy", "generalization", "specificity", "score")
 METRICS = (*HEADLINE, *(f"{m}_{q}" for q in ("magnitude", "accuracy") for m in HEADLINE[:3]), "fluency",
            CONSISTENCY_KEY)
 PHASES = ("base", "pre", "post", "ret")
-COLUMNS = ["seq", "dir", "id", "kind", "method", "modifiers", "protocol", "n_requests", "n_active_requests", "status", "active",
-           "approximate", "target", "mode", "reapplies", "created_at", "edit_s", "ppl_base", "ppl",
+COLUMNS = ["seq", "dir", "id", "kind", "method", "modifiers", "protocol", "n_requests", "n_active_requests", "status",
+           "active", "approximate", "target", "mode", "reapplies", "created_at", "edit_s", "ppl_base", "ppl",
            "retention_mode", "retention_n", "retention_available", "delta_norm"] + [
            f"{p}_{m}" for p in PHASES for m in METRICS]
 # what `dvc plots` draws (root dvc.yaml) and the HTML report's curves read
