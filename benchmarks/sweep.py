@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 import typer
 
 from pipeline.editing.context import context_prefixes
@@ -58,9 +59,10 @@ def main(grid: Path, out: Path, start: int = 1000, n: int = 30, model: str = "sm
             spread_targets(m, tok, adapter, reqs, prefixes, spec, hp_l, values, covs, apply=True)
             post, _ = evaluate(m, tok, reqs)
             m.load_state_dict(base_state)  # undo the edit before the next λ
-            shown = ("layers", "mom2_update_weight", "clamp_norm_factor", "v_num_grad_steps", "v_lr", "kl_factor", "v_weight_decay")
+            shown = ("layers", "mom2_update_weight", "clamp_norm_factor", "v_num_grad_steps", "v_lr", "kl_factor", "v_weight_decay",
+                     "kl_stop", "v_dtype")
             row = {"method": spec.name, **{k: v for k, v in hp_l.to_dict().items() if k in shown},
-                   "n": n, "start": start, "values_s": round(t_values, 1), "opt_argmax": opt_ok,
+                   "n": n, "start": start, "values_s": round(t_values, 1), "threads": torch.get_num_threads(), "opt_argmax": opt_ok,
                    "mean_steps": sum(values.steps.tolist()) / len(reqs),
                    "pre": {k: round(pre[k], 4) for k in ("efficacy", "generalization", "specificity")},
                    "post": {k: round(post[k], 4) for k in ("efficacy", "generalization", "specificity", "score")}}
