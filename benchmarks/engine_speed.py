@@ -10,7 +10,9 @@ repeatable):
 * ``fast-float32``: the batched engine (prefix KV cache, logits at targets only, per-request
   stopping) in float32;
 * ``fast-bfloat16``: the same with δ optimised on a bfloat16 copy of the model;
-* ``fast``: the engine with the bundled hyper-parameters as they are.
+* ``fast``: the engine with the bundled hyper-parameters as they are;
+* ``fast-steps15`` / ``fast-stop-at-argmax``: the bundled setting with 15 steps, or with each
+  request stopping as soon as its new object is the argmax (a KL threshold no request misses).
 
 Time per edit = (values + spread) / n; keys are part of the spread phase.  ``--repeat`` runs each
 configuration several times and reports the median (quality is identical between repeats: the
@@ -46,7 +48,10 @@ from pipeline.models.loading import cache_home, load_model
 app = typer.Typer(add_completion=False)
 COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "multi_counterfact_dev.json"
 CONFIGS = {"naive": ("reference", {"v_dtype": "float32"}), "fast-float32": ("fast", {"v_dtype": "float32"}),
-           "fast-bfloat16": ("fast", {"v_dtype": "bfloat16"}), "fast": ("fast", {})}
+           "fast-bfloat16": ("fast", {"v_dtype": "bfloat16"}), "fast": ("fast", {}),
+           # fewer optimisation steps (issue 6's step study, RESULTS.md): 15 fixed steps, or each request
+           # stopping at the first step where o* is the argmax on all its rewriting prompts
+           "fast-steps15": ("fast", {"v_num_grad_steps": 15}), "fast-stop-at-argmax": ("fast", {"kl_stop": 1e9})}
 SHOWN = ("efficacy", "generalization", "specificity", "score", "efficacy_magnitude", "generalization_magnitude",
          "specificity_magnitude")
 
