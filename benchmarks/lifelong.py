@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FULL_N = 2000
+# = pipeline.stages.summary.HEADLINE, kept here so that importing the script (its table test) stays light
 HEADLINE = ("efficacy", "generalization", "specificity", "score")
 
 

@@ -2,9 +2,10 @@
 
 :func:`ledger_table` — one row per batch directory, committed or not: sequence, directory, entry
 id, kind, method, its modifiers (``+iterative``, ``+na1`` …), number of requests, status, whether
-it is active now, the number of requests active after it, its evaluation (``base_``: the unedited model, ``pre_``: the parent state,
-``post_``: this state — on the batch's own requests; ``ret_``: this state on the retained earlier
-edits; ``ppl``: ME-PPL-50 perplexity) and the norm of its weight change per layer.  Status is
+it is active now, the number of requests active after it, its evaluation (``base_``: the unedited
+model, ``pre_``: the parent state, ``post_``: this state — on the batch's own requests; ``ret_``:
+this state on the retained earlier edits; ``ppl``: ME-PPL-50 perplexity) and the norm of its weight
+change per layer.  Status is
 ``committed``, ``refused`` (committed, but the collapse guard kept it out of the state),
 ``pending`` (not computed yet), ``interrupted`` (an apply died before its commit
 point), ``changed`` (its inputs were edited after it was applied) or ``stale`` (an earlier batch
