@@ -95,6 +95,25 @@ def write_table(rdir: Path, methods: list[str], n: int, batch: int) -> Path:
     return path
 
 
+def check_settings(path: Path, hp, resuming: bool) -> None:
+    """Pin a history to the hyper-parameters and code it started with: resuming it with others
+    would silently mix two settings in one curve."""
+    import subprocess
+    from dataclasses import asdict
+
+    wanted = json.loads(json.dumps(asdict(hp)))
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if resuming and saved["hparams"] != wanted:
+            diff = sorted(k for k in wanted.keys() | saved["hparams"].keys() if wanted.get(k) != saved["hparams"].get(k))
+            raise SystemExit(f"error: {path.parent} was started with other hyper-parameters ({', '.join(diff)}); "
+                             f"delete {path.parent} to start it again")
+        if resuming:
+            return
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    path.write_text(json.dumps({"hparams": wanted, "commit": commit or None}, indent=2) + "\n")
+
+
 def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: int = 0,
          retention_sample: int = 100, hparams: str = "smollm2-135m-instruct",
          out: Path = ROOT / "benchmarks" / "results", skip_fluency: bool = False, table_only: bool = False):
@@ -148,6 +167,7 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
         mdir.mkdir(exist_ok=True)
         curve_path = mdir / "curve.jsonl"
         curve = read_jsonl(curve_path)
+        check_settings(mdir / "settings.json", hps[m], bool(curve))
         model.load_state_dict(base_state)
         ckpt = ckpt_root / f"{m}.safetensors"
         changed: set[str] = set()  # parameters the history has written so far (what the checkpoint holds)

@@ -348,6 +348,27 @@ def test_bfloat16_value_optimisation_targets_the_float32_model(llama, corpus_pat
         assert cos > 0.9, (name, float(cos))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_eager_attention_is_an_exchangeable_kernel(model_factory, corpus_path, tmp_path, family):
+    """``v_attention: eager`` changes only the kernel of value optimisation: the engines still agree
+    with each other, the deltas stay those of the model's own (SDPA) kernel up to rounding, and the
+    model, which float32 optimisation uses directly, gets its own attention back."""
+    model, tok = model_factory(family)
+    own = model.config._attn_implementation
+    assert own == "sdpa" and model._can_set_attn_implementation()
+    eager = HP.replace(v_attention="eager")
+    fast = _edit(model, tok, corpus_path, tmp_path, hp=eager)
+    assert model.config._attn_implementation == own
+    ref = _edit(model, tok, corpus_path, tmp_path, hp=eager, engine="reference")
+    sdpa = _edit(model, tok, corpus_path, tmp_path, hp=HP)
+    for name in fast.deltas:
+        for other in (ref, sdpa):
+            err = float((fast.deltas[name] - other.deltas[name]).norm())
+            assert err <= 1e-3 * float(other.deltas[name].norm()), (name, err)
+    assert any(not torch.equal(fast.deltas[n], sdpa.deltas[n]) for n in fast.deltas)  # another kernel did run
+    assert fast.steps == ref.steps == sdpa.steps
+
+
 def test_bfloat16_covariance_is_close_and_cached_separately(llama, corpus_path, tmp_path):
     from pipeline.editing.covariance import Corpus, second_moments
     from pipeline.models.loading import model_fingerprint
@@ -367,5 +388,7 @@ def test_bfloat16_covariance_is_close_and_cached_separately(llama, corpus_path, 
 def test_unknown_compute_dtype_is_rejected():
     with pytest.raises(HParamsError, match="v_dtype must be one of"):
         HP.replace(v_dtype="int8")
+    with pytest.raises(HParamsError, match="v_attention must be one of"):
+        HP.replace(v_attention="flash")
     with pytest.raises(HParamsError, match="cov_dtype must be one of"):
         HP.replace(cov_dtype="half")

@@ -35,3 +35,18 @@ def test_table_reports_finished_and_unfinished_histories(ll, tmp_path):
     assert "| pmet | 2 | 0.750 | — | — | — | 6.100 | — | 30.000 |" in md  # 2 × (10 + 2) s + final 6 s
     assert "| memit | 1 | — |" in md
     assert "| pmet | 2 | 4 | 0.500 | 0.500 | 2 | 0.250 |" in md and "| memit | 1 | 2 | 1.000 | 0.500 | 0 | — |" in md
+
+
+def test_a_history_resumes_only_with_the_settings_it_started_with(ll, tmp_path):
+    from pipeline.editing.hparams import HParams
+
+    path = tmp_path / "settings.json"
+    hp = HParams(layers=(1, 2))
+    ll.check_settings(path, hp, resuming=False)
+    saved = json.loads(path.read_text())
+    assert saved["hparams"]["layers"] == [1, 2] and "commit" in saved
+    ll.check_settings(path, hp, resuming=True)  # same settings: fine, file untouched
+    assert json.loads(path.read_text()) == saved
+    with pytest.raises(SystemExit, match="other hyper-parameters \\(v_attention, v_num_grad_steps\\)"):
+        ll.check_settings(path, hp.replace(v_num_grad_steps=3, v_attention="eager"), resuming=True)
+    assert json.loads(path.read_text()) == saved

@@ -24,6 +24,7 @@ from pipeline.editing.values import (
 )
 from pipeline.evaluation.scoring import score_pairs
 from pipeline.models.adapters import adapter_for
+from pipeline.models.attention import attention_implementation
 
 PREFIXES = ["", "Some words here. "]
 LAYER = 2
@@ -106,17 +107,26 @@ def buckets(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("attention", ["model", "eager"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "gemma3_text"])
-def test_prefix_cached_equals_full_forward(model_factory, family, buckets):
+def test_prefix_cached_equals_full_forward(model_factory, family, buckets, attention):
+    """The fast strategy (optionally with eager attention over its left-padded prefix cache and
+    right-padded suffixes) gives the reference strategy's logits with the model's own kernel."""
     model, tok = model_factory(family)
     reqs = _requests(3)
     sites = SITES  # residual, attn and mlp all at once
     full = _forward(FullForward, model, tok, reqs, sites)
-    fast = _forward(PrefixCachedForward, model, tok, reqs, sites)
     deltas = _random_deltas(3, sites)
     active = torch.ones(3, dtype=torch.bool)
+    own = model.config._attn_implementation
     with torch.no_grad():
-        a, b = full(deltas, active), fast(deltas, active)
+        with attention_implementation(model, attention):
+            if attention != "model" and model._can_set_attn_implementation():
+                assert model.config._attn_implementation == attention != own
+            fast = _forward(PrefixCachedForward, model, tok, reqs, sites)
+            b = fast(deltas, active)
+        assert model.config._attn_implementation == own
+        a = full(deltas, active)
         zero = full({s: d * 0 for s, d in deltas.items()}, active)
     assert a.tgt_logits.shape == (len(full.p.tgt_tok), model.config.vocab_size)
     assert a.kl_logits.shape == (3, model.config.vocab_size)

@@ -28,6 +28,7 @@ from pipeline.editing.spread import closed_form_update, spread_divisor
 from pipeline.editing.tokens import encode_with_subject, target_ids
 from pipeline.editing.values import FullForward, PrefixCachedForward, ValueProblem, ValueResult, optimise_values
 from pipeline.models.adapters import adapter_for
+from pipeline.models.attention import attention_implementation
 from pipeline.models.loading import cache_home, model_fingerprint
 
 ENGINES = ("fast", "reference")
@@ -199,18 +200,20 @@ def compute_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HPara
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     build = lambda rs, nbs: ValueProblem.build(tok, rs, prefixes, nbs, hp.neighbor_prefixes)  # noqa: E731
     work = working_copy(model, hp.v_dtype)
-    if engine == "fast":
-        problem = build(reqs, neighbors)
-        result = optimise_values(PrefixCachedForward(work, adapter, problem, layer, sites, pad, high), sites, dims, hp,
-                                 progress)
-    else:
-        parts = []
-        for i, r in enumerate(tqdm(reqs, desc="values (per request)", unit="request", disable=not progress)):
-            problem = build([r], [neighbors[i]] if neighbors else None)  # the reference code's per-request loop
-            parts.append(optimise_values(FullForward(work, adapter, problem, layer, sites, pad, high), sites, dims, hp))
-        trace = [{**row, "request": i} for i, part in enumerate(parts) for row in part.trace]
-        cat = lambda attr: {s: torch.cat([getattr(p, attr)[s] for p in parts]) for s in sites}  # noqa: E731
-        result = ValueResult(cat("targets"), cat("init"), cat("deltas"), torch.cat([p.steps for p in parts]), trace)
+    with attention_implementation(work, hp.v_attention):
+        if engine == "fast":
+            problem = build(reqs, neighbors)
+            result = optimise_values(PrefixCachedForward(work, adapter, problem, layer, sites, pad, high), sites, dims,
+                                     hp, progress)
+        else:
+            parts = []
+            for i, r in enumerate(tqdm(reqs, desc="values (per request)", unit="request", disable=not progress)):
+                problem = build([r], [neighbors[i]] if neighbors else None)  # the reference code's per-request loop
+                parts.append(optimise_values(FullForward(work, adapter, problem, layer, sites, pad, high), sites, dims,
+                                             hp))
+            trace = [{**row, "request": i} for i, part in enumerate(parts) for row in part.trace]
+            cat = lambda attr: {s: torch.cat([getattr(p, attr)[s] for p in parts]) for s in sites}  # noqa: E731
+            result = ValueResult(cat("targets"), cat("init"), cat("deltas"), torch.cat([p.steps for p in parts]), trace)
     if work is not model:
         # δ was found on a cast copy; the target is the model's own value plus δ, so the spread
         # does not also write the cast's rounding error into the weights

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.models.attention import ATTENTION_CHOICES
+
 HPARAMS_DIR = Path(__file__).resolve().parent.parent / "hparams"
 
 
@@ -52,6 +54,10 @@ class HParams:
     # model itself, so only the optimisation of δ and the covariance statistics are affected.
     v_dtype: str = "float32"
     cov_dtype: str = "float32"
+    # Attention kernel of value optimisation (pipeline/models/attention.py): "model" keeps the
+    # model's own (what entries recorded before this field ran with), "eager" is 1.8× faster per
+    # step on CPU for the short suffixes the fast engine runs.
+    v_attention: str = "model"
     # --- JEEP's high region (probability promotion): layers written from the prediction-token
     # target, its clamp γ* and weight decay β*, and the λ of its covariance term.  The low region
     # uses the fields above (layers, clamp_norm_factor = γ', v_weight_decay = β', kl_factor = α').
@@ -100,6 +106,8 @@ class HParams:
         for name in ("v_dtype", "cov_dtype"):
             if getattr(self, name) not in COMPUTE_DTYPES:
                 raise HParamsError(f"{name} must be one of {', '.join(COMPUTE_DTYPES)}, got {getattr(self, name)!r}")
+        if self.v_attention not in ATTENTION_CHOICES:
+            raise HParamsError(f"v_attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.v_attention!r}")
         self._validate_extensions()
 
     def _validate_extensions(self) -> None:
