@@ -1,10 +1,10 @@
 """The attention kernel a heavy loop runs with, switched for the loop and restored after.
 
 Value optimisation runs many short suffixes (2–10 tokens after the subject's last token, over a
-cached prefix) forward *and backward*.  On CPU, PyTorch's fused SDPA ("flash") kernel computes
-the backward of such tiny attention blocks one (batch, head) at a time and took 36% of a PMET
-step on SmolLM2-135M; the plain matmul + softmax ("eager") formulation batches them into a few
-``bmm`` calls and made the whole step 1.8× faster (``benchmarks/RESULTS.md``, issue 6).  Which
+cached prefix) forward *and backward*.  On CPU, PyTorch's fused SDPA ("flash") kernel spent
+36% of a PMET step on SmolLM2-135M in the backward of these tiny attention blocks (15 ms per
+call); the plain matmul + softmax ("eager") formulation does the same work in a few batched
+``bmm`` calls, and the whole step became 1.8× faster (``benchmarks/RESULTS.md``, issue 6).  Which
 kernel runs changes the float rounding, so it is a recorded hyper-parameter (``v_attention``),
 not a silent default.
 """
