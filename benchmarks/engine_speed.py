@@ -51,9 +51,9 @@ app = typer.Typer(add_completion=False)
 COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "multi_counterfact_dev.json"
 # "naive" and "fast-float32"/"fast-bfloat16" keep the model's own attention kernel (SDPA), as the
 # public implementations do; the bundled setting ("fast") optimises with eager attention
-SDPA = {"v_attention": "model"}
-CONFIGS = {"naive": ("reference", {"v_dtype": "float32", **SDPA}), "fast-float32": ("fast", {"v_dtype": "float32", **SDPA}),
-           "fast-bfloat16": ("fast", {"v_dtype": "bfloat16", **SDPA}), "fast": ("fast", {}),
+OWN_ATTENTION = {"v_attention": "model"}
+CONFIGS = {"naive": ("reference", {"v_dtype": "float32", **OWN_ATTENTION}), "fast-float32": ("fast", {"v_dtype": "float32", **OWN_ATTENTION}),
+           "fast-bfloat16": ("fast", {"v_dtype": "bfloat16", **OWN_ATTENTION}), "fast": ("fast", {}),
            # fewer optimisation steps (issue 6's step study, RESULTS.md): 15 fixed steps, or each request
            # stopping at the first step where o* is the argmax on all its rewriting prompts
            "fast-steps15": ("fast", {"v_num_grad_steps": 15}), "fast-stop-at-argmax": ("fast", {"kl_stop": 1e9}),

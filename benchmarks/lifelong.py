@@ -102,14 +102,13 @@ def check_settings(path: Path, hp, resuming: bool) -> None:
     from dataclasses import asdict
 
     wanted = json.loads(json.dumps(asdict(hp)))
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if resuming and saved["hparams"] != wanted:
-            diff = sorted(k for k in wanted.keys() | saved["hparams"].keys() if wanted.get(k) != saved["hparams"].get(k))
+    if resuming and path.exists():
+        saved = json.loads(path.read_text())["hparams"]
+        if saved != wanted:
+            diff = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
             raise SystemExit(f"error: {path.parent} was started with other hyper-parameters ({', '.join(diff)}); "
                              f"delete {path.parent} to start it again")
-        if resuming:
-            return
+        return
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     path.write_text(json.dumps({"hparams": wanted, "commit": commit or None}, indent=2) + "\n")
 
