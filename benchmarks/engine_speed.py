@@ -14,7 +14,8 @@ repeatable):
 * ``fast``: the engine with the bundled hyper-parameters as they are (bfloat16, eager attention);
 * ``fast-steps15`` / ``fast-stop-at-argmax`` / ``fast-kl0.2``: the bundled setting with 15 steps,
   or with each request stopping as soon as its new object is the argmax (a KL threshold no request
-  misses), or once it is the argmax and KL ≤ 0.2.
+  misses), or once it is the argmax and KL ≤ 0.2;
+* ``fast-chunk25``: the bundled setting in chunks of 25 requests per forward/backward.
 
 Time per edit = (values + spread) / n; keys are part of the spread phase.  ``--repeat`` runs each
 configuration several times and reports the median (quality is identical between repeats: the
@@ -58,7 +59,9 @@ CONFIGS = {"naive": ("reference", {"v_dtype": "float32", **OWN_ATTENTION}), "fas
            # stopping at the first step where o* is the argmax on all its rewriting prompts
            "fast-steps15": ("fast", {"v_num_grad_steps": 15}), "fast-stop-at-argmax": ("fast", {"kl_stop": 1e9}),
            # PMET's rule with a KL threshold this model reaches (0.01 is never met within 30 steps here)
-           "fast-kl0.2": ("fast", {"kl_stop": 0.2})}
+           "fast-kl0.2": ("fast", {"kl_stop": 0.2}),
+           # the chunking bundled before the 100-request chunks (v_batch_requests 25)
+           "fast-chunk25": ("fast", {"v_batch_requests": 25})}
 SHOWN = ("efficacy", "generalization", "specificity", "score", "efficacy_magnitude", "generalization_magnitude",
          "specificity_magnitude")
 

@@ -95,21 +95,29 @@ def write_table(rdir: Path, methods: list[str], n: int, batch: int) -> Path:
     return path
 
 
-def check_settings(path: Path, hp, resuming: bool) -> None:
+def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT) -> None:
     """Pin a history to the hyper-parameters and code it started with: resuming it with others
-    would silently mix two settings in one curve."""
+    would silently mix two settings in one curve.  The code is ``pipeline/`` at the recorded
+    commit; after it changed, the rest of a history runs from a worktree of that commit."""
     import subprocess
     from dataclasses import asdict
 
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)  # noqa: E731
     wanted = json.loads(json.dumps(asdict(hp)))
     if resuming and path.exists():
-        saved = json.loads(path.read_text())["hparams"]
-        if saved != wanted:
-            diff = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
+        saved = json.loads(path.read_text())
+        if saved["hparams"] != wanted:
+            diff = sorted(k for k in wanted.keys() | saved["hparams"].keys() if wanted.get(k) != saved["hparams"].get(k))
             raise SystemExit(f"error: {path.parent} was started with other hyper-parameters ({', '.join(diff)}); "
                              f"delete {path.parent} to start it again")
+        commit = saved.get("commit")
+        changed = git("diff", "--name-only", commit, "--", "pipeline").stdout.split() if commit else []
+        if changed:
+            raise SystemExit(f"error: {path.parent} was started at commit {commit[:10]} and pipeline/ has changed since "
+                             f"({', '.join(changed)}); continue it on its own code: git worktree add ../lifelong-code "
+                             f"{commit[:10]}, then run benchmarks/lifelong.py there with --out {path.parents[2]}")
         return
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD").stdout.strip()
     path.write_text(json.dumps({"hparams": wanted, "commit": commit or None}, indent=2) + "\n")
 
 

@@ -38,15 +38,34 @@ def test_table_reports_finished_and_unfinished_histories(ll, tmp_path):
 
 
 def test_a_history_resumes_only_with_the_settings_it_started_with(ll, tmp_path):
+    import subprocess
+
     from pipeline.editing.hparams import HParams
 
-    path = tmp_path / "settings.json"
+    repo = tmp_path / "repo"
+    (repo / "pipeline").mkdir(parents=True)
+    (repo / "pipeline" / "engine.py").write_text("x = 1\n")
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo, check=True,  # noqa: E731
+                                    capture_output=True)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    path = tmp_path / "results" / "run" / "pmet" / "settings.json"
+    path.parent.mkdir(parents=True)
     hp = HParams(layers=(1, 2))
-    ll.check_settings(path, hp, resuming=False)
+    ll.check_settings(path, hp, resuming=False, root=repo)
     saved = json.loads(path.read_text())
-    assert saved["hparams"]["layers"] == [1, 2] and "commit" in saved
-    ll.check_settings(path, hp, resuming=True)  # same settings: fine, file untouched
+    assert saved["hparams"]["layers"] == [1, 2] and len(saved["commit"]) == 40
+    ll.check_settings(path, hp, resuming=True, root=repo)  # same settings: fine, file untouched
     assert json.loads(path.read_text()) == saved
     with pytest.raises(SystemExit, match="other hyper-parameters \\(v_attention, v_num_grad_steps\\)"):
-        ll.check_settings(path, hp.replace(v_num_grad_steps=3, v_attention="eager"), resuming=True)
+        ll.check_settings(path, hp.replace(v_num_grad_steps=3, v_attention="eager"), resuming=True, root=repo)
+    (repo / "README.md").write_text("docs change\n")  # outside pipeline/: the history's code is the same
+    ll.check_settings(path, hp, resuming=True, root=repo)
+    (repo / "pipeline" / "engine.py").write_text("x = 2\n")  # the engine changed, committed or not
+    with pytest.raises(SystemExit, match=r"pipeline/ has changed since \(pipeline/engine.py\).*worktree add"):
+        ll.check_settings(path, hp, resuming=True, root=repo)
+    git("commit", "-qam", "engine")
+    with pytest.raises(SystemExit, match="pipeline/ has changed"):
+        ll.check_settings(path, hp, resuming=True, root=repo)
     assert json.loads(path.read_text()) == saved

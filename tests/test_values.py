@@ -96,7 +96,10 @@ def test_value_problem_layout(tok):
         # the subject's last token ends the subject: the text up to it is everything up to the subject
         upto = PREFIXES[s % 2] + r.prompt.split("{}")[0] + r.subject
         assert tok.decode(e.ids[: e.subject_last + 1], skip_special_tokens=True) == upto
-    assert tok.decode(p.encoded[6].ids, skip_special_tokens=True) == f"{reqs[0].subject} is a"
+    # the KL prompt "{s} is a" ends at the subject's last token, where the KL is read
+    kl = p.encoded[6]
+    assert tok.decode(kl.ids, skip_special_tokens=True) == reqs[0].subject
+    assert kl.subject_last == len(kl.ids) - 1 and p.kl_seq[0] == 6
 
 
 # ------------------------------------------------------------------------------------ (a) strategies agree
@@ -136,6 +139,27 @@ def test_prefix_cached_equals_full_forward(model_factory, family, buckets, atten
         torch.testing.assert_close(b.site_init[s], a.site_init[s], atol=1e-5, rtol=1e-4)
     assert (a.tgt_logits - zero.tgt_logits).abs().max() > 1e-2  # δ matters
     assert (a.kl_logits - zero.kl_logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj"])
+def test_steps_start_at_the_layer_where_delta_enters(model_factory, family):
+    """The blocks below the δ layer run once, when the strategy is built (their output does not
+    depend on δ), and never in a step; GPT-J's blocks return tuples, Llama's tensors."""
+    model, tok = model_factory(family)
+    adapter = adapter_for(model)
+    calls = dict.fromkeys(range(LAYER + 1), 0)  # MLP runs per block: a bypassed block runs none
+    regs = [(lambda i=i: adapter.module(model, "mlp_out", i).register_forward_pre_hook(
+        lambda *_: calls.__setitem__(i, calls[i] + 1))) for i in calls]
+    with hooks(regs):
+        fast = _forward(PrefixCachedForward, model, tok, _requests(3), PMET_SITES)
+        built = dict(calls)
+        with torch.no_grad():
+            fast(_random_deltas(3, PMET_SITES), torch.ones(3, dtype=torch.bool))
+    assert fast.start == LAYER
+    assert [built[i] for i in range(LAYER)] == [2] * LAYER and built[LAYER] == 1  # prefixes, then suffixes below
+    assert all(calls[i] == built[i] for i in range(LAYER))  # the step did not run them
+    assert calls[LAYER] > built[LAYER]  # it starts here
+    assert not any("forward" in vars(adapter.module(model, "block", i)) for i in range(LAYER))  # bypass undone
 
 
 @pytest.mark.parametrize("site", SITES)

@@ -1,4 +1,5 @@
-"""Forward hooks: read a module's input/output, rewrite its output, stop the forward early.
+"""Forward hooks: read a module's input/output, rewrite its input or output, stop the forward early
+or skip blocks.
 
 All editing code reads and writes hidden states through these few functions so that every
 architecture goes through the same, tested path (blocks that return tuples and blocks that return
@@ -44,11 +45,12 @@ def record_input(module: nn.Module, store: dict, key) -> Callable:
     return register
 
 
-def record_output(module: nn.Module, store: dict, key) -> Callable:
-    """Hook factory: ``store[key]`` = the module's output tensor (first element of a tuple)."""
+def record_output(module: nn.Module, store: dict, key, raw: bool = False) -> Callable:
+    """Hook factory: ``store[key]`` = the module's output tensor (first element of a tuple), or
+    the output exactly as returned with ``raw``."""
 
     def register():
-        return module.register_forward_hook(lambda _m, _a, out: store.__setitem__(key, _first(out)))
+        return module.register_forward_hook(lambda _m, _a, out: store.__setitem__(key, out if raw else _first(out)))
 
     return register
 
@@ -80,6 +82,35 @@ def run_truncated(forward: Callable[[], object]) -> None:
         forward()
     except StopForward:
         pass
+
+
+def replace_input(module: nn.Module, tensor: torch.Tensor) -> Callable:
+    """Hook factory: the module receives ``tensor`` as its first positional input (every
+    supported family passes the hidden state to its blocks positionally)."""
+
+    def register():
+        return module.register_forward_pre_hook(lambda _m, args: (tensor, *args[1:]))
+
+    return register
+
+
+@contextmanager
+def bypass(modules: list[nn.Module], output_like) -> Iterator[None]:
+    """Within the block, each module returns its first input unchanged, shaped like ``output_like``
+    (a real output of such a module: a tensor, or a tuple whose first element is the hidden
+    state).  For blocks whose result is replaced downstream anyway (:func:`replace_input`):
+    running them would be wasted work."""
+
+    def passthrough(hidden, *_args, **_kwargs):
+        return _with_first(output_like, hidden)
+
+    try:
+        for m in modules:
+            m.forward = passthrough
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("forward", None)
 
 
 def add_at(rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

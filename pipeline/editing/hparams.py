@@ -32,7 +32,7 @@ class HParams:
     mom2_update_weight: float = 15000.0  # λ: weight of the preserved-key covariance
     clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ factor · ‖h_init‖ per site
     v_num_grad_steps: int = 25
-    v_batch_requests: int = 25  # requests per forward/backward chunk (memory bound; same result)
+    v_batch_requests: int = 25  # requests per forward/backward chunk: bounds memory; larger is faster, same optimisation
     v_lr: float = 0.5
     v_weight_decay: float = 0.5  # coefficient of ‖δ‖ / ‖h_init‖²
     kl_factor: float = 0.0625

@@ -1,8 +1,9 @@
 """Target values: optimise one vector per request and site, for a whole batch at once.
 
 For each request the rewriting prompts are ``prefix_j + prompt(subject) + o*[:-1]`` and one KL
-prompt ``"{subject} is a"``.  A vector ``δ_site`` is added at the subject's last token at each
-optimised site of the last critical layer; the loss is
+prompt ``"{subject} is a"``, cut after the subject's last token where the KL is read.  A vector
+``δ_site`` is added at the subject's last token at each optimised site of the last critical layer;
+the loss is
 
     φ · mean_j NLL(o* | prompt_j)  +  kl_factor · KL(P_δ ‖ P_0) at the KL prompt
     + v_weight_decay · Σ_site ‖δ_site‖ / ‖h_site‖²
@@ -16,8 +17,10 @@ Two forward strategies compute the same logits:
 
 * :class:`FullForward` – the reference: whole sequences through the whole model, all positions.
 * :class:`PrefixCachedForward` – the fast path: nothing before the subject's last token depends on
-  ``δ``, so those tokens run once (no grad) into a KV cache and every step only runs the suffix,
-  and the LM head is applied only where a loss is read.
+  ``δ``, so those tokens run once (no grad) into a KV cache and every step only runs the suffix;
+  nothing below the layer where ``δ`` enters depends on it either, so the suffix runs through
+  those blocks once too and every step starts at that layer; the LM head is applied only where a
+  loss is read.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from pipeline.editing.hooks import add_at, edit_output, hooks
+from pipeline.editing.hooks import add_at, bypass, edit_output, hooks, record_output, replace_input, run_truncated, stop_after
 from pipeline.editing.hparams import HParams
 from pipeline.editing.methods import SITE_ROLES, site_position
 from pipeline.editing.precision import master_dtype
@@ -90,7 +93,10 @@ class ValueProblem:
                 add_answered(i, prefix + r.prompt, r.subject, tgt)
         for i, r in enumerate(requests):
             kl.append(len(encoded))
-            encoded.append(encode_with_subject(tok, KL_TEMPLATE, r.subject))
+            e = encode_with_subject(tok, KL_TEMPLATE, r.subject)
+            # the KL is read at the subject's last token and attention is causal: the template's
+            # remaining tokens cannot change it, so they are not run at every step
+            encoded.append(Encoded(e.ids[: e.subject_last + 1], e.subject_last))
             seq_request.append(i)
             counts.append(0)
         n_plain = len(encoded)
@@ -198,6 +204,12 @@ class PrefixCachedForward(_Forward):
         self._prefix_width = int(self.prefix_len.max())
         if self._prefix_width:
             self._kv = self._run_prefixes()
+        # nothing below the lowest layer where a δ enters depends on δ either: the suffixes run
+        # through those blocks once, and every step starts at that layer
+        self.start = min(self.site_layer.values())
+        self._below: torch.Tensor | None = None
+        if self.start:
+            self._below, self._below_output = self._run_below()
 
     @torch.no_grad()
     def _run_prefixes(self):
@@ -217,6 +229,23 @@ class PrefixCachedForward(_Forward):
                       past_key_values=cache, use_cache=True)
         self._prefix_mask = mask
         return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.no_grad()
+    def _run_below(self):
+        """Every sequence's suffix through blocks ``0..start-1``: the right-padded ``[S, width, d]``
+        hidden states entering block ``start``, and one real output of a block (its structure)."""
+        p, W = self.p, self._prefix_width
+        ids, smask = pad_right([e.ids[e.subject_last :] for e in p.encoded], self.pad_id)
+        pos = self.prefix_len[:, None] + torch.arange(ids.shape[1])[None, :]
+        mask = torch.cat([self._prefix_mask, smask], 1) if W else smask
+        cache = DynamicCache(ddp_cache_data=self._kv) if W else None
+        store: dict = {}
+        top = self.adapter.module(self.model, "block", self.start - 1)
+        with hooks([record_output(top, store, "hidden"), record_output(top, store, "output", raw=True), stop_after(top)]):
+            run_truncated(lambda: self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                                position_ids=pos.to(self.device), past_key_values=cache,
+                                                use_cache=cache is not None))
+        return store["hidden"], store["output"]
 
     def _cache_rows(self, seqs: torch.Tensor):
         """A fresh cache holding the prefixes of ``seqs`` (the suffix pass appends to it)."""
@@ -253,7 +282,12 @@ class PrefixCachedForward(_Forward):
             head: dict = {}  # each site's value at every row's first suffix token (the subject's last)
             regs = self._hook_regs(deltas, rows, cols, req_row[p.seq_request[seqs_b]].to(self.device), rows, head,
                                    seqs_b)
-            with hooks(regs):
+            below = []
+            if self.start:
+                entry = self.adapter.module(self.model, "block", self.start)
+                regs.append(replace_input(entry, self._below[seqs_b.to(self.device), : ids.shape[1]]))
+                below = [self.adapter.module(self.model, "block", i) for i in range(self.start)]
+            with hooks(regs), bypass(below, self._below_output if self.start else None):
                 hidden_b = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                          position_ids=pos.to(self.device), past_key_values=cache,
                                          use_cache=cache is not None).last_hidden_state
@@ -312,9 +346,12 @@ def _request_losses(forward: _Forward, out: StepOutput, part: torch.Tensor, delt
     in_part[part] = True
     tgt_mask = in_part[p.seq_request[p.tgt_seq]]
     # NLL: mean over the answer tokens of each rewriting prompt, then mean over the prompts
-    logp = F.log_softmax(out.tgt_logits.float(), -1)
+    # in the logits' own dtype: a bfloat16 model's log-softmax accumulates in float32 inside and
+    # only its output is rounded, which the gathered NLL tolerates (the KL below does not: it is a
+    # difference of nearly equal log-probabilities, so it is taken in float32)
+    logp = F.log_softmax(out.tgt_logits, -1)
     tgt_tok = p.tgt_tok[tgt_mask].to(device)
-    tok_lp = logp.gather(1, tgt_tok[:, None]).squeeze(1)
+    tok_lp = logp.gather(1, tgt_tok[:, None]).squeeze(1).float()
     seq_of_tok = p.tgt_seq[tgt_mask].to(device)
     per_seq = torch.zeros(len(p.encoded), device=device).index_add_(0, seq_of_tok, tok_lp)
     per_seq = per_seq / p.tgt_count.to(device).clamp(min=1).float()
