@@ -362,7 +362,7 @@ def _request_losses(forward: _Forward, out: StepOutput, part: torch.Tensor, delt
     n_prompts = torch.zeros(N, device=device).index_add_(0, req_of_seq[rewrite], torch.ones(int(rewrite.sum()), device=device))
     nll = -(total / n_prompts)[rows]
     # argmax: is o* the top token at every answer position of every rewriting prompt?
-    is_top = (logp.argmax(-1) == tgt_tok).float()
+    is_top = (out.tgt_logits.argmax(-1) == tgt_tok).float()  # the logits' order: no ties from rounding logp
     own = (~neighbor[seq_of_tok]).float()  # neighbour answers do not count
     misses = torch.zeros(N, device=device).index_add_(0, req_of_seq[seq_of_tok], (1 - is_top) * own)[rows]
     # neighbour-assisted editing: mean NLL of the true object over the request's neighbour prompts
