@@ -208,6 +208,9 @@ class PrefixCachedForward(_Forward):
         # through those blocks once, and every step starts at that layer
         self.start = min(self.site_layer.values())
         self._below: torch.Tensor | None = None
+        self._below_output = None
+        self._entry = self.adapter.module(self.model, "block", self.start)
+        self._bypassed = [self.adapter.module(self.model, "block", i) for i in range(self.start)]
         if self.start:
             self._below, self._below_output = self._run_below()
 
@@ -282,12 +285,9 @@ class PrefixCachedForward(_Forward):
             head: dict = {}  # each site's value at every row's first suffix token (the subject's last)
             regs = self._hook_regs(deltas, rows, cols, req_row[p.seq_request[seqs_b]].to(self.device), rows, head,
                                    seqs_b)
-            below = []
             if self.start:
-                entry = self.adapter.module(self.model, "block", self.start)
-                regs.append(replace_input(entry, self._below[seqs_b.to(self.device), : ids.shape[1]]))
-                below = [self.adapter.module(self.model, "block", i) for i in range(self.start)]
-            with hooks(regs), bypass(below, self._below_output if self.start else None):
+                regs.append(replace_input(self._entry, self._below[seqs_b.to(self.device), : ids.shape[1]]))
+            with hooks(regs), bypass(self._bypassed, self._below_output):
                 hidden_b = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                          position_ids=pos.to(self.device), past_key_values=cache,
                                          use_cache=cache is not None).last_hidden_state
