@@ -15,11 +15,14 @@ repeatable):
 * ``fast-steps15`` / ``fast-stop-at-argmax`` / ``fast-kl0.2``: the bundled setting with 15 steps,
   or with each request stopping as soon as its new object is the argmax (a KL threshold no request
   misses), or once it is the argmax and KL ≤ 0.2;
-* ``fast-chunk25``: the bundled setting in chunks of 25 requests per forward/backward.
+* ``fast-chunk25``: the bundled setting in chunks of 25 requests per forward/backward;
+* ``fast-workers2`` / ``fast-workers1``: the bundled setting with δ optimised by two single-threaded
+  processes, each on half of the requests, or by one process with torch's threads;
+* ``fast-eager-workers1``: the bundled setting before grouped attention and value workers.
 
 Time per edit = (values + spread) / n; keys are part of the spread phase.  ``--repeat`` runs each
-configuration several times and reports the median (quality is identical between repeats: the
-runs are deterministic).
+configuration several times and reports the median; the first repeat is evaluated and the others
+must write bit-identical weights (``repeats_bit_identical``).
 
     python benchmarks/engine_speed.py --n 100 --config naive --config fast-float32 --config fast \\
         --out benchmarks/results/engine_speed.json
@@ -61,7 +64,11 @@ CONFIGS = {"naive": ("reference", {"v_dtype": "float32", **OWN_ATTENTION}), "fas
            # PMET's rule with a KL threshold this model reaches (0.01 is never met within 30 steps here)
            "fast-kl0.2": ("fast", {"kl_stop": 0.2}),
            # the chunking bundled before the 100-request chunks (v_batch_requests 25)
-           "fast-chunk25": ("fast", {"v_batch_requests": 25})}
+           "fast-chunk25": ("fast", {"v_batch_requests": 25}),
+           # the bundled setting with value optimisation in 2 single-threaded processes / in one
+           "fast-workers2": ("fast", {"v_workers": 2}), "fast-workers1": ("fast", {"v_workers": 1}),
+           # the bundled setting before grouped attention and value workers (commit 99f0182)
+           "fast-eager-workers1": ("fast", {"v_attention": "eager", "v_workers": 1})}
 SHOWN = ("efficacy", "generalization", "specificity", "score", "efficacy_magnitude", "generalization_magnitude",
          "specificity_magnitude")
 
@@ -94,20 +101,25 @@ def main(n: int = 100, start: int = 0, method: str = "pmet", config: list[str] =
                                  hp.cov_max_texts, hp.cov_batch_tokens, hp.cov_dtype, cache_home() / "covariance",
                                  progress=False)
         prefixes = context_prefixes(base, tok, hp)
-        runs, post = [], None
+        runs, post, first, identical = [], None, None, True
         for _ in range(repeat):
             m = copy.deepcopy(base)
             t0 = time.perf_counter()
             values = compute_targets(m, tok, adapter, reqs, prefixes, spec, hp, engine)
             t1 = time.perf_counter()
-            spread_targets(m, tok, adapter, reqs, prefixes, spec, hp, values, covs, apply=True)
+            deltas, _ = spread_targets(m, tok, adapter, reqs, prefixes, spec, hp, values, covs, apply=True)
             t2 = time.perf_counter()
             runs.append({"values_s": t1 - t0, "spread_s": t2 - t1, "mean_steps": float(values.steps.float().mean())})
-            post, _ = evaluate(m, tok, reqs)
+            if first is None:  # the repeats must write the same weights: evaluated once, compared after
+                first = deltas
+                post, _ = evaluate(m, tok, reqs)
+            else:
+                identical &= all(torch.equal(first[k], deltas[k]) for k in first)
             del m
         per_edit = [(r["values_s"] + r["spread_s"]) / n for r in runs]
         res["configs"][name] = {"engine": engine, "v_dtype": hp.v_dtype, "v_attention": hp.v_attention,
                                 "s_per_edit_median": statistics.median(per_edit),
+                                "v_workers": hp.v_workers, "repeats_bit_identical": identical if repeat > 1 else None,
                                 "runs": runs, "post": {k: post[k] for k in SHOWN}}
         print(name, json.dumps(res["configs"][name]), flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)

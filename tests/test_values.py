@@ -24,7 +24,7 @@ from pipeline.editing.values import (
 )
 from pipeline.evaluation.scoring import score_pairs
 from pipeline.models.adapters import adapter_for
-from pipeline.models.attention import attention_implementation
+from pipeline.models.attention import GROUPED, attention_implementation
 
 PREFIXES = ["", "Some words here. "]
 LAYER = 2
@@ -110,7 +110,7 @@ def buckets(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("attention", ["model", "eager"])
+@pytest.mark.parametrize("attention", ["model", "eager", "grouped"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "gemma3_text"])
 def test_prefix_cached_equals_full_forward(model_factory, family, buckets, attention):
     """The fast strategy (optionally with eager attention over its left-padded prefix cache and
@@ -125,7 +125,7 @@ def test_prefix_cached_equals_full_forward(model_factory, family, buckets, atten
     with torch.no_grad():
         with attention_implementation(model, attention):
             if attention != "model" and model._can_set_attn_implementation():
-                assert model.config._attn_implementation == attention != own
+                assert model.config._attn_implementation == {"grouped": GROUPED}.get(attention, attention) != own
             fast = _forward(PrefixCachedForward, model, tok, reqs, sites)
             b = fast(deltas, active)
         assert model.config._attn_implementation == own

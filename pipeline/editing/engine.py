@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 from pipeline.editing.context import context_prefixes
 from pipeline.editing.covariance import Corpus, second_moments
 from pipeline.editing.hparams import HParams, HParamsError
-from pipeline.editing.keys import request_keys, site_values
+from pipeline.editing.keys import RequestKeys, site_values
 from pipeline.editing.methods import REGIONS, SITE_ROLES, Method, get_method, site_position, site_region
 from pipeline.editing.precision import working_copy
 from pipeline.editing.requests import EditRequest, parse_requests, validate_batch
 from pipeline.editing.spread import closed_form_update, spread_divisor
 from pipeline.editing.tokens import encode_with_subject, target_ids
 from pipeline.editing.values import FullForward, PrefixCachedForward, ValueProblem, ValueResult, optimise_values
+from pipeline.editing.workers import available_workers, fork_map
 from pipeline.models.adapters import adapter_for
 from pipeline.models.attention import attention_implementation
 from pipeline.models.loading import cache_home, model_fingerprint
@@ -202,18 +203,21 @@ def compute_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HPara
     work = working_copy(model, hp.v_dtype)
     with attention_implementation(work, hp.v_attention):
         if engine == "fast":
-            problem = build(reqs, neighbors)
-            result = optimise_values(PrefixCachedForward(work, adapter, problem, layer, sites, pad, high), sites, dims,
-                                     hp, progress)
+            def run(part: slice) -> ValueResult:
+                problem = build(reqs[part], neighbors[part] if neighbors else None)
+                return optimise_values(PrefixCachedForward(work, adapter, problem, layer, sites, pad, high), sites,
+                                       dims, hp, progress and part.start == 0)
+
+            workers = value_workers(work, hp, len(reqs))
+            result = concat_values(fork_map(run, even_slices(len(reqs), workers)) if workers > 1 else [run(slice(None))],
+                                   sites)
         else:
             parts = []
             for i, r in enumerate(tqdm(reqs, desc="values (per request)", unit="request", disable=not progress)):
                 problem = build([r], [neighbors[i]] if neighbors else None)  # the reference code's per-request loop
                 parts.append(optimise_values(FullForward(work, adapter, problem, layer, sites, pad, high), sites, dims,
                                              hp))
-            trace = [{**row, "request": i} for i, part in enumerate(parts) for row in part.trace]
-            cat = lambda attr: {s: torch.cat([getattr(p, attr)[s] for p in parts]) for s in sites}  # noqa: E731
-            result = ValueResult(cat("targets"), cat("init"), cat("deltas"), torch.cat([p.steps for p in parts]), trace)
+            result = concat_values(parts, sites)
     if work is not model:
         # δ was found on a cast copy; the target is the model's own value plus δ, so the spread
         # does not also write the cast's rounding error into the weights
@@ -223,6 +227,29 @@ def compute_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HPara
         result = ValueResult({s: init[s] + result.deltas[s] for s in sites}, init, result.deltas, result.steps,
                              result.trace)
     return result
+
+
+def value_workers(model, hp: HParams, n_requests: int) -> int:
+    """Processes for value optimisation: ``hp.v_workers`` on a CPU (at most one per request)."""
+    if next(model.parameters()).device.type != "cpu":
+        return 1
+    return max(1, min(available_workers(hp.v_workers), n_requests))
+
+
+def even_slices(n: int, k: int) -> list[slice]:
+    """``k`` contiguous slices of ``range(n)`` whose sizes differ by at most one."""
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def concat_values(parts: list[ValueResult], sites: tuple[str, ...]) -> ValueResult:
+    """One result from the results of consecutive slices of a batch (trace rows renumbered)."""
+    trace, offset = [], 0
+    for part in parts:
+        trace += [{**row, "request": row["request"] + offset} for row in part.trace]
+        offset += len(part.steps)
+    cat = lambda attr: {s: torch.cat([getattr(p, attr)[s] for p in parts]) for s in sites}  # noqa: E731
+    return ValueResult(cat("targets"), cat("init"), cat("deltas"), torch.cat([p.steps for p in parts]), trace)
 
 
 @torch.no_grad()
@@ -236,13 +263,16 @@ def spread_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HParam
     written = {adapter.parameter_name(role, layer): (role, layer) for _, _, layer, role, _ in plan}
     originals = {name: adapter.module(model, role, layer).weight.detach().clone() for name, (role, layer) in written.items()}
     rows = []
+    readers: dict[str, RequestKeys] = {}  # per token position: keys of successive layers, each read resumed
     try:
         for region, i, layer, role, site in plan:
             layers = region_layers(hp, region)
             remaining, last, position = len(layers) - i, layers[-1], site_position(site)
             divisor = spread_divisor(spec.region_spread(region), remaining)
             lam = hp.high_mom2_update_weight if region == "high" and hp.high_mom2_update_weight else hp.mom2_update_weight
-            keys = request_keys(model, tok, adapter, reqs, prefixes, role, layer, position)
+            if position not in readers:
+                readers[position] = RequestKeys(model, tok, adapter, reqs, prefixes, position)
+            keys = readers[position](role, layer)
             current = site_values(model, tok, adapter, reqs, site, last)
             resid = (values.targets[site] - current) / divisor
             upd = closed_form_update(keys, resid, covs[(role, layer)], lam)

@@ -58,6 +58,10 @@ class HParams:
     # model's own (what entries recorded before this field ran with), "eager" is 1.8× faster per
     # step on CPU for the short suffixes the fast engine runs.
     v_attention: str = "model"
+    # Processes that optimise disjoint slices of a batch's requests, each single-threaded
+    # (pipeline/editing/workers.py); 0 = one per torch thread.  CPU only: on a GPU the batch runs in
+    # one process.  Requests never interact, so this is the same optimisation up to rounding.
+    v_workers: int = 1
     # --- JEEP's high region (probability promotion): layers written from the prediction-token
     # target, its clamp γ* and weight decay β*, and the λ of its covariance term.  The low region
     # uses the fields above (layers, clamp_norm_factor = γ', v_weight_decay = β', kl_factor = α').
@@ -99,6 +103,8 @@ class HParams:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise HParamsError(f"{name} must be an integer ≥ 1, got {v!r}")
+        if not isinstance(self.v_workers, int) or isinstance(self.v_workers, bool) or not 0 <= self.v_workers <= 256:
+            raise HParamsError(f"v_workers must be an integer in 0..256 (0 = one per torch thread), got {self.v_workers!r}")
         if self.cov_max_length < 8:
             raise HParamsError(f"cov_max_length must be ≥ 8 tokens, got {self.cov_max_length}")
         if not isinstance(self.cov_max_texts, int) or isinstance(self.cov_max_texts, bool) or self.cov_max_texts < 0:

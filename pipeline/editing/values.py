@@ -25,6 +25,7 @@ Two forward strategies compute the same logits:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -409,9 +410,12 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
     init = {s: torch.zeros(N, dims[s], device=device, dtype=dtype) for s in sites}
     init_kl: torch.Tensor | None = None
     trace: list[dict] = []
-    with tqdm(total=hp.v_num_grad_steps, desc=f"values ({N} requests)", unit="step", disable=not progress) as bar:
+    # no tqdm object at all without progress: a forked value worker (workers.py) must not touch
+    # tqdm's class lock, which the parent's monitor thread may have held at fork time
+    with tqdm(total=hp.v_num_grad_steps, desc=f"values ({N} requests)", unit="step") if progress else nullcontext() as bar:
         for it in range(hp.v_num_grad_steps):
-            bar.update()
+            if bar is not None:
+                bar.update()
             last = it == hp.v_num_grad_steps - 1
             idx = torch.nonzero(active).squeeze(1)
             done = torch.zeros(N, dtype=torch.bool)
