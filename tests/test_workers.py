@@ -12,7 +12,9 @@ from pipeline.editing.engine import concat_values, even_slices, value_workers
 from pipeline.editing.hparams import HParams, HParamsError
 from pipeline.editing.values import OptimisationError, ValueResult
 from pipeline.editing.workers import WorkerError, fork_map
-from test_engine_tiny import HP, _edit
+import pipeline
+import pipeline.editing.values as values_mod
+from test_engine_tiny import HP, _edit, _records
 
 
 def _whoami(x):
@@ -136,3 +138,28 @@ def test_workers_give_the_same_edit_as_one_process(model_factory, corpus_path, t
     assert sorted(map(key, one.traces)) == sorted(map(key, two.traces))
     for a, b in zip(sorted(one.traces, key=key), sorted(two.traces, key=key)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_bar_comes_from_the_calling_process_only(llama, corpus_path, tmp_path, monkeypatch, workers):
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            bars.append(kwargs.get("desc"))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            pass
+
+    monkeypatch.setattr(values_mod, "tqdm", Bar)
+    model, tok = llama
+    pipeline.edit(model, tok, _records(), method="pmet", hparams=HP.replace(v_workers=workers),
+                  corpus=corpus_path, cache_dir=tmp_path, progress=True)
+    # the caller's slice: all 3 requests in one process, the first 2 of 3 with two workers
+    assert bars == [f"values ({3 if workers == 1 else 2} requests)"]

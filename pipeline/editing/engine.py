@@ -206,11 +206,11 @@ def compute_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HPara
             def run(part: slice) -> ValueResult:
                 problem = build(reqs[part], neighbors[part] if neighbors else None)
                 return optimise_values(PrefixCachedForward(work, adapter, problem, layer, sites, pad, high), sites,
-                                       dims, hp, progress and part.start == 0)
+                                       dims, hp, progress and part.start == 0)  # one bar: the caller's slice
 
             workers = value_workers(work, hp, len(reqs))
-            result = concat_values(fork_map(run, even_slices(len(reqs), workers)) if workers > 1 else [run(slice(None))],
-                                   sites)
+            result = concat_values(fork_map(run, even_slices(len(reqs), workers)) if workers > 1 else
+                                   [run(slice(0, len(reqs)))], sites)
         else:
             parts = []
             for i, r in enumerate(tqdm(reqs, desc="values (per request)", unit="request", disable=not progress)):
