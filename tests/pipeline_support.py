@@ -31,7 +31,9 @@ DVC = str(BIN / "dvc")
 LAYERS = [1, 2]
 TINY_HPARAMS = {
     "defaults": {"layers": LAYERS, "mom2_update_weight": 100.0, "v_num_grad_steps": 4, "v_lr": 0.5,
-                 "loss_stop": 1e-6, "context_starters": ["The"], "context_length": 2, "cov_max_length": 32},
+                 "loss_stop": 1e-6, "context_starters": ["The"], "context_length": 2, "cov_max_length": 32,
+                 # as the bundled SmolLM2 setting: value optimisation in forked workers, here inside DVC stages
+                 "v_workers": 2},
     "methods": {"memit": {}, "pmet": {"kl_factor": 1.0, "nll_weight_after_argmax": 0.1}},
 }
 # Ten CounterFact-style records: the four of conftest plus variants (other subjects and targets).
