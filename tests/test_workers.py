@@ -34,7 +34,7 @@ def test_fork_map_keeps_order_and_runs_slices_in_single_threaded_children():
 
 def _fail_in_child(x):
     if x == 2:
-        raise OptimisationError("non-finite loss at step 3 for request(s) [5]")
+        raise OptimisationError(3, [5])
     return x
 
 
@@ -94,15 +94,34 @@ def test_even_slices_cover_the_batch():
             assert [s.start for s in parts[1:]] == [s.stop for s in parts[:-1]]
 
 
-def test_concat_values_renumbers_requests():
-    def part(n, tag):
+def test_concat_values_keeps_batch_indices():
+    def part(n, first, tag):
         t = torch.full((n, 2), float(tag))
-        return ValueResult({"m": t}, {"m": t}, {"m": t}, torch.full((n,), tag), [{"request": i, "step": 0} for i in range(n)])
+        return ValueResult({"m": t}, {"m": t}, {"m": t}, torch.full((n,), tag),
+                           [{"request": first + i, "step": 0} for i in range(n)])
 
-    out = concat_values([part(2, 1), part(3, 2)], ("m",))
+    out = concat_values([part(2, 0, 1), part(3, 2, 2)], ("m",))
     assert out.steps.tolist() == [1, 1, 2, 2, 2]
     assert [r["request"] for r in out.trace] == [0, 1, 2, 3, 4]
     assert out.deltas["m"][:, 0].tolist() == [1, 1, 2, 2, 2]
+
+
+def test_a_non_finite_loss_names_batch_indices_from_every_worker(llama, corpus_path, tmp_path, monkeypatch):
+    """Each worker optimises a slice; its failing requests are reported by their index in the batch."""
+    model, tok = llama
+    real = values_mod._request_losses
+
+    def nan_losses(*a, **k):
+        loss, *rest = real(*a, **k)
+        return (loss * float("nan"), *rest)
+
+    monkeypatch.setattr(values_mod, "_request_losses", nan_losses)
+    with pytest.raises(OptimisationError, match=r"non-finite loss at step 0 for request\(s\) \[0, 1, 2\]"):
+        pipeline.edit(model, tok, _records(), method="pmet", hparams=HP.replace(v_workers=2),
+                      corpus=corpus_path, cache_dir=tmp_path, progress=False)
+    merged = OptimisationError.merge([OptimisationError(3, [4]), OptimisationError(1, [2]), OptimisationError(1, [0])])
+    assert (merged.step, merged.requests) == (1, [0, 2])
+    assert str(OptimisationError(2)) == "non-finite δ at step 2; lower v_lr or check the model"
 
 
 def test_value_workers_only_on_cpu_and_at_most_one_per_request():

@@ -26,7 +26,8 @@ from pipeline.editing.precision import working_copy
 from pipeline.editing.requests import EditRequest, parse_requests, validate_batch
 from pipeline.editing.spread import closed_form_update, spread_divisor
 from pipeline.editing.tokens import encode_with_subject, target_ids
-from pipeline.editing.values import FullForward, PrefixCachedForward, ValueProblem, ValueResult, optimise_values
+from pipeline.editing.values import (FullForward, OptimisationError, PrefixCachedForward, ValueProblem, ValueResult,
+                                     optimise_values)
 from pipeline.editing.workers import available_workers, fork_map
 from pipeline.models.adapters import adapter_for
 from pipeline.models.attention import attention_implementation
@@ -203,20 +204,26 @@ def compute_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HPara
     work = working_copy(model, hp.v_dtype)
     with attention_implementation(work, hp.v_attention):
         if engine == "fast":
-            def run(part: slice) -> ValueResult:
+            def run(part: slice) -> ValueResult | OptimisationError:
                 problem = build(reqs[part], neighbors[part] if neighbors else None)
-                return optimise_values(PrefixCachedForward(work, adapter, problem, layer, sites, pad, high), sites,
-                                       dims, hp, progress and part.start == 0)  # one bar: the caller's slice
+                try:  # returned, not raised: the failures of every slice are reported together
+                    return optimise_values(PrefixCachedForward(work, adapter, problem, layer, sites, pad, high), sites,
+                                           dims, hp, progress and part.start == 0, part.start)  # one bar: the caller's
+                except OptimisationError as exc:
+                    return exc
 
             workers = value_workers(work, hp, len(reqs))
-            result = concat_values(fork_map(run, even_slices(len(reqs), workers)) if workers > 1 else
-                                   [run(slice(0, len(reqs)))], sites)
+            parts = fork_map(run, even_slices(len(reqs), workers)) if workers > 1 else [run(slice(0, len(reqs)))]
+            failed = [p for p in parts if isinstance(p, OptimisationError)]
+            if failed:
+                raise OptimisationError.merge(failed)
+            result = concat_values(parts, sites)
         else:
             parts = []
             for i, r in enumerate(tqdm(reqs, desc="values (per request)", unit="request", disable=not progress)):
                 problem = build([r], [neighbors[i]] if neighbors else None)  # the reference code's per-request loop
                 parts.append(optimise_values(FullForward(work, adapter, problem, layer, sites, pad, high), sites, dims,
-                                             hp))
+                                             hp, first_request=i))
             result = concat_values(parts, sites)
     if work is not model:
         # δ was found on a cast copy; the target is the model's own value plus δ, so the spread
@@ -243,13 +250,11 @@ def even_slices(n: int, k: int) -> list[slice]:
 
 
 def concat_values(parts: list[ValueResult], sites: tuple[str, ...]) -> ValueResult:
-    """One result from the results of consecutive slices of a batch (trace rows renumbered)."""
-    trace, offset = [], 0
-    for part in parts:
-        trace += [{**row, "request": row["request"] + offset} for row in part.trace]
-        offset += len(part.steps)
+    """One result from the results of consecutive slices of a batch (their traces already carry
+    batch indices: ``optimise_values(first_request=…)``)."""
     cat = lambda attr: {s: torch.cat([getattr(p, attr)[s] for p in parts]) for s in sites}  # noqa: E731
-    return ValueResult(cat("targets"), cat("init"), cat("deltas"), torch.cat([p.steps for p in parts]), trace)
+    return ValueResult(cat("targets"), cat("init"), cat("deltas"), torch.cat([p.steps for p in parts]),
+                       [row for p in parts for row in p.trace])
 
 
 @torch.no_grad()

@@ -45,7 +45,23 @@ KL_TEMPLATE = "{} is a"
 
 
 class OptimisationError(RuntimeError):
-    """Non-finite values appeared while optimising target values."""
+    """Non-finite values appeared while optimising target values (``requests``: the batch indices
+    whose loss was non-finite, when known), so that slices of a batch can report as one."""
+
+    def __init__(self, step: int, requests: list[int] | None = None):
+        what = f"loss at step {step} for request(s) {requests}" if requests else f"δ at step {step}"
+        super().__init__(f"non-finite {what}; lower v_lr or check the model")
+        self.step, self.requests = step, requests
+
+    def __reduce__(self):  # pickled by value workers (workers.py): keep the fields, not the text
+        return type(self), (self.step, self.requests)
+
+    @classmethod
+    def merge(cls, errors: list[OptimisationError]) -> OptimisationError:
+        """One error for the failures of several slices: the earliest step, every request named."""
+        step = min(e.step for e in errors)
+        requests = sorted({r for e in errors if e.step == step for r in (e.requests or [])})
+        return cls(step, requests or None)
 
 
 @dataclass
@@ -392,12 +408,13 @@ def site_coefficients(hp: HParams, site: str) -> tuple[float, float]:
 
 
 def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, int], hp: HParams,
-                    progress: bool = False) -> ValueResult:
+                    progress: bool = False, first_request: int = 0) -> ValueResult:
     """Jointly optimise δ for every request and site (per-request stopping, per-site clamps).
 
     Each step runs the active requests in chunks of ``hp.v_batch_requests`` and accumulates their
     gradients before one Adam step: the requests are independent, so this is the same
-    optimisation as one big batch, with peak memory bounded by the chunk.
+    optimisation as one big batch, with peak memory bounded by the chunk.  ``first_request``: the
+    batch index of this problem's first request (a slice of a batch), for the trace and errors.
     """
     p = forward.p
     N, device = p.n_requests, forward.device
@@ -434,11 +451,11 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
                 loss, nll, kl, wd, misses, nb_nll = _request_losses(forward, out, part, delta, init, init_kl, nll_w, hp)
                 if not torch.isfinite(loss).all():
                     bad = part[~torch.isfinite(loss).cpu()].tolist()
-                    raise OptimisationError(f"non-finite loss at step {it} for request(s) {bad}; lower v_lr or check the model")
+                    raise OptimisationError(it, [b + first_request for b in bad])
                 rec = torch.stack([loss, nll, kl, wd, nll_w[part.to(device)], misses, nb_nll]).detach().cpu().tolist()
                 norms = {s: delta[s][part.to(device)].detach().norm(dim=-1).cpu().tolist() for s in sites}
                 for k, r in enumerate(part.tolist()):
-                    trace.append({"request": r, "step": it, "loss": rec[0][k], "nll": rec[1][k], "kl": rec[2][k],
+                    trace.append({"request": r + first_request, "step": it, "loss": rec[0][k], "nll": rec[1][k], "kl": rec[2][k],
                                   "weight_decay": rec[3][k], "nll_weight": rec[4][k], "argmax": rec[5][k] == 0,
                                   **({"neighbor_nll": rec[6][k]} if p.neighbor is not None and bool(p.neighbor.any()) else {}),
                                   **{f"norm_{s}": norms[s][k] for s in sites}})
@@ -466,6 +483,6 @@ def optimise_values(forward: _Forward, sites: tuple[str, ...], dims: dict[str, i
                     scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
                     d.mul_(scale[:, None])
                     if not torch.isfinite(d).all():
-                        raise OptimisationError(f"non-finite δ at step {it}; lower v_lr or check the model")
+                        raise OptimisationError(it)
     final = {s: delta[s].detach() for s in sites}
     return ValueResult(targets={s: init[s] + final[s] for s in sites}, init=init, deltas=final, steps=steps + 1, trace=trace)
