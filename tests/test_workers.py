@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import pytest
@@ -55,7 +56,7 @@ def test_child_errors_reach_the_parent_with_their_type_and_traceback():
     assert any("_fail_in_child" in note for note in info.value.__notes__)
     with pytest.raises(WorkerError, match="_Unpicklable"):
         fork_map(_unpicklable_in_child, [0, 1])
-    assert not [c for c in __import__("multiprocessing").active_children()]
+    assert not multiprocessing.active_children()
 
 
 def _die_in_child(x):

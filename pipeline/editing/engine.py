@@ -208,7 +208,7 @@ def compute_targets(model, tok, adapter, reqs, prefixes, spec: Method, hp: HPara
                 problem = build(reqs[part], neighbors[part] if neighbors else None)
                 try:  # returned, not raised: the failures of every slice are reported together
                     return optimise_values(PrefixCachedForward(work, adapter, problem, layer, sites, pad, high), sites,
-                                           dims, hp, progress and part.start == 0, part.start)  # one bar: the caller's
+                                           dims, hp, progress and part.start == 0, part.start)  # bar: caller only
                 except OptimisationError as exc:
                     return exc
 

@@ -113,6 +113,19 @@ def bypass(modules: list[nn.Module], output_like) -> Iterator[None]:
             m.__dict__.pop("forward", None)
 
 
+@contextmanager
+def start_at(entry: nn.Module, below: list[nn.Module], hidden: torch.Tensor | None, output_like) -> Iterator[None]:
+    """Within the block the forward starts at block ``entry`` from ``hidden`` (kept from an earlier
+    forward): ``entry`` receives it as its input and the blocks ``below`` it are pass-throughs
+    shaped like ``output_like``.  With no blocks below, nothing changes.  Hooks registered inside
+    the block on ``entry`` see ``hidden``: this hook is registered first."""
+    if not below:
+        yield
+        return
+    with hooks([replace_input(entry, hidden)]), bypass(below, output_like):
+        yield
+
+
 def add_at(rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """An output rewrite adding ``delta[i]`` at position ``(rows[i], cols[i])`` (autograd-safe)."""
 

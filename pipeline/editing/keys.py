@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.editing.hooks import bypass, hooks, record_input, record_output, replace_input, run_truncated, stop_after
+from pipeline.editing.hooks import hooks, record_input, record_output, run_truncated, start_at, stop_after
 from pipeline.editing.methods import SITE_ROLES, site_position
 from pipeline.editing.requests import EditRequest
 from pipeline.editing.tokens import encode_with_subject, pad_right
@@ -26,7 +26,7 @@ class PromptReader:
     The spread writes its layers lowest first and reads each layer's keys just before writing it,
     so by the time layer ``l`` is read nothing below it changes any more.  The reader keeps the
     hidden states entering the block it read last and starts the next read there (the blocks below
-    are bypassed, :func:`~pipeline.editing.hooks.bypass`): for a window of five layers that is one
+    are bypassed, :func:`~pipeline.editing.hooks.start_at`): for a window of five layers that is one
     pass over each block instead of one pass over every block below every layer.  The kept states
     are the very tensors a full forward hands to that block, so the values read are bit-identical
     to a full forward's.  If a parameter below the kept states has changed after all (its
@@ -70,10 +70,10 @@ class PromptReader:
         out, states = [], []
         for k, (ids, mask, rows, cols) in enumerate(self.chunks):
             store: dict = {}
-            regs = [replace_input(entry_block, self.states[k])] if self.entry else []
-            regs += [record_input(block, store, "entry"), recorder(module, store, "h"),
-                     record_output(block, store, "block", raw=True), stop_after(block)]
-            with hooks(regs), bypass(bypassed, self.block_output):
+            regs = [record_input(block, store, "entry"), recorder(module, store, "h"),
+                    record_output(block, store, "block", raw=True), stop_after(block)]
+            kept = self.states[k] if self.entry else None
+            with start_at(entry_block, bypassed, kept, self.block_output), hooks(regs):
                 run_truncated(lambda: self.backbone(input_ids=ids, attention_mask=mask, use_cache=False))
             out.append(store["h"][rows, cols])
             states.append(store["entry"])

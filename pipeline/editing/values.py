@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from pipeline.editing.hooks import add_at, bypass, edit_output, hooks, record_output, replace_input, run_truncated, stop_after
+from pipeline.editing.hooks import add_at, edit_output, hooks, record_output, run_truncated, start_at, stop_after
 from pipeline.editing.hparams import HParams
 from pipeline.editing.methods import SITE_ROLES, site_position
 from pipeline.editing.precision import master_dtype
@@ -302,9 +302,8 @@ class PrefixCachedForward(_Forward):
             head: dict = {}  # each site's value at every row's first suffix token (the subject's last)
             regs = self._hook_regs(deltas, rows, cols, req_row[p.seq_request[seqs_b]].to(self.device), rows, head,
                                    seqs_b)
-            if self.start:
-                regs.append(replace_input(self._entry, self._below[seqs_b.to(self.device), : ids.shape[1]]))
-            with hooks(regs), bypass(self._bypassed, self._below_output):
+            entering = self._below[seqs_b.to(self.device), : ids.shape[1]] if self.start else None
+            with hooks(regs), start_at(self._entry, self._bypassed, entering, self._below_output):
                 hidden_b = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                          position_ids=pos.to(self.device), past_key_values=cache,
                                          use_cache=cache is not None).last_hidden_state

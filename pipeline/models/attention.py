@@ -33,7 +33,7 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     (``repeat_kv``) and, in the backward, sums the copies again; for the engine's short suffixes
     those copies and sums were a visible share of a step.  Here the query heads of a group are
     stacked along the query axis instead, so one ``matmul`` per KV head serves the whole group:
-    the same products, summed in the same order.  Same interface as the eager kernel (Gemma's
+    the same forward products, summed in the same order (the backward's sums may round differently).  Same interface as the eager kernel (Gemma's
     logit soft-capping included; dropout is refused: this kernel is for inference and value
     optimisation, which run the model in eval mode).
     """
