@@ -5,7 +5,9 @@
   *retention curve* — a seeded sample of the edits of all earlier batches, drawn as the evaluate
   stage draws it (:mod:`pipeline.evaluation.retention`), teacher-forced metrics only;
 * after the last batch: every edit of the history (efficacy, generalisation, specificity, score),
-  fluency (n-gram entropy) and ME-PPL-50 perplexity, the unedited model alongside.
+  fluency (n-gram entropy) and ME-PPL-50 perplexity, the unedited model alongside, and the norm
+  growth of every edited matrix (sequential editing is known to fail through it; this shows how far
+  each method went).
 
 It runs for hours on a 2-core CPU, so it is resumable: after each batch the edited weights are
 checkpointed (only the parameters that changed, under the editledger cache) and the batch's row
@@ -16,6 +18,7 @@ holds those tensors themselves, so a resumed history equals an uninterrupted one
     python benchmarks/lifelong.py                                   # pmet and memit, 20 × 100
     python benchmarks/lifelong.py --methods memit --n 40 --batch 20 # a smoke run (labelled smoke)
     python benchmarks/lifelong.py --table-only                      # LIFELONG.md from what exists
+    python benchmarks/lifelong.py --growth-only                     # growth.json of finished histories
 """
 
 from __future__ import annotations
@@ -58,6 +61,17 @@ def append_jsonl(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def weight_growth(base: dict, edited: dict) -> dict[str, dict[str, float]]:
+    """Per edited matrix: Frobenius norm before and after the history and ‖W − W₀‖ / ‖W₀‖, in float64
+    so that the ratio does not depend on the weights' dtype."""
+    out = {}
+    for name in sorted(edited):
+        w0, w = base[name].double(), edited[name].double()
+        out[name] = {"norm_before": w0.norm().item(), "norm_after": w.norm().item(),
+                     "relative_change": ((w - w0).norm() / w0.norm()).item()}
+    return out
+
+
 def write_table(rdir: Path, methods: list[str], n: int, batch: int) -> Path:
     """``LIFELONG.md`` in the run directory: progress, final metrics and the retention curve per method."""
     lines = [f"# {'SMOKE RUN — not a result: ' if n < FULL_N else ''}lifelong editing, SmolLM2-135M, "
@@ -90,6 +104,12 @@ def write_table(rdir: Path, methods: list[str], n: int, batch: int) -> Path:
             lines.append(f"| {m} | {r['batch']} | {r['edits']} | {fmt(own['efficacy'])} | {fmt(own['generalization'])} "
                          f"| {r['retention_n']} | {fmt(ret.get('efficacy'))} | {fmt(ret.get('generalization'))} "
                          f"| {fmt(ret.get('specificity'))} | {r['edit_s']:.0f} | {r['eval_s']:.0f} |")
+    growth = {m: json.loads((rdir / m / "growth.json").read_text()) for m in methods if (rdir / m / "growth.json").exists()}
+    if growth:
+        lines += ["", "## Norm growth of the edited matrices after the last batch", "",
+                  "| method | parameter | ‖W₀‖ | ‖W‖ | ‖W − W₀‖ / ‖W₀‖ |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {name} | {g['norm_before']:.1f} | {g['norm_after']:.1f} | {g['relative_change']:.3f} |"
+                  for m, rows in growth.items() for name, g in rows.items()]
     path = rdir / "LIFELONG.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -123,8 +143,11 @@ def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT) -> None:
 
 def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: int = 0,
          retention_sample: int = 100, hparams: str = "smollm2-135m-instruct",
-         out: Path = ROOT / "benchmarks" / "results", skip_fluency: bool = False, table_only: bool = False):
-    """Edit ``n`` requests in batches of ``batch`` with each method; resumable (see the module doc)."""
+         out: Path = ROOT / "benchmarks" / "results", skip_fluency: bool = False, table_only: bool = False,
+         growth_only: bool = False):
+    """Edit ``n`` requests in batches of ``batch`` with each method; resumable (see the module doc).
+    ``--growth-only`` writes ``growth.json`` for histories that have finished, from their
+    checkpoints; it edits nothing, so it runs on any commit."""
     from pipeline.editing.hparams import load_hparams
     from pipeline.editing.methods import get_method
 
@@ -156,13 +179,20 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
     lm = load_model()
     model, tok = lm.model, lm.tokenizer
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ckpt_root = cache_home() / "benchmarks" / rdir.name
+    if growth_only:
+        for m in names:
+            ckpt = ckpt_root / f"{m}.safetensors"
+            if (rdir / m / "final.json").exists() and ckpt.exists():
+                (rdir / m / "growth.json").write_text(json.dumps(weight_growth(base_state, load_file(ckpt)), indent=2))
+        typer.echo(f"wrote {write_table(rdir, names, n, batch)}")
+        return
     reqs = parse_requests(copy.deepcopy(sample_records("counterfact", start, n)))
     keys = [canonical_json(r.canonical()) for r in reqs]
     texts, tfidf = me_ppl_texts(), generation_tfidf(skip_fluency)
     machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "processor": platform.processor() or platform.machine()}
     (rdir / "machine.json").write_text(json.dumps(machine, indent=2))
-    ckpt_root = cache_home() / "benchmarks" / rdir.name
     settings = RetentionSettings(sample=retention_sample, full_every=0, generation=False, seed=0)
 
     for m in names:
@@ -209,6 +239,8 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
             row = evaluate_state(model, tok, reqs, None, texts, tfidf)
             final.write_text(json.dumps({"metrics": row, "eval_s": time.perf_counter() - t0, "machine": machine},
                                         indent=2))
+        state = model.state_dict()
+        (mdir / "growth.json").write_text(json.dumps(weight_growth(base_state, {k: state[k] for k in changed}), indent=2))
         write_table(rdir, names, n, batch)
     model.load_state_dict(base_state)
     # last, so that two processes editing one method each do not both spend the time on it

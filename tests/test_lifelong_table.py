@@ -69,3 +69,19 @@ def test_a_history_resumes_only_with_the_settings_it_started_with(ll, tmp_path):
     with pytest.raises(SystemExit, match="pipeline/ has changed"):
         ll.check_settings(path, hp, resuming=True, root=repo)
     assert json.loads(path.read_text()) == saved
+
+
+def test_norm_growth_is_measured_against_the_base_weights_and_tabled(ll, tmp_path):
+    import torch
+
+    base = {"w": torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.bfloat16), "untouched": torch.ones(2)}
+    edited = {"w": torch.tensor([[6.0, 0.0], [0.0, 8.0]], dtype=torch.bfloat16)}  # doubled: ‖ΔW‖ = ‖W₀‖
+    g = ll.weight_growth(base, edited)
+    assert list(g) == ["w"]  # only what the history changed
+    assert g["w"] == {"norm_before": 5.0, "norm_after": 10.0, "relative_change": 1.0}
+    rdir = ll.run_dir(tmp_path, 4, 2, 0)
+    (rdir / "pmet").mkdir(parents=True)
+    (rdir / "pmet" / "growth.json").write_text(json.dumps(g))
+    md = ll.write_table(rdir, ["pmet", "memit"], 4, 2).read_text()
+    assert "| pmet | w | 5.0 | 10.0 | 1.000 |" in md
+    assert "| memit |" not in md.split("Norm growth")[1]
