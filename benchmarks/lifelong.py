@@ -72,6 +72,10 @@ def weight_growth(base: dict, edited: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def save_growth(mdir: Path, base: dict, edited: dict) -> None:
+    (mdir / "growth.json").write_text(json.dumps(weight_growth(base, edited), indent=2))
+
+
 def write_table(rdir: Path, methods: list[str], n: int, batch: int) -> Path:
     """``LIFELONG.md`` in the run directory: progress, final metrics and the retention curve per method."""
     lines = [f"# {'SMOKE RUN — not a result: ' if n < FULL_N else ''}lifelong editing, SmolLM2-135M, "
@@ -184,7 +188,7 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
         for m in names:
             ckpt = ckpt_root / f"{m}.safetensors"
             if (rdir / m / "final.json").exists() and ckpt.exists():
-                (rdir / m / "growth.json").write_text(json.dumps(weight_growth(base_state, load_file(ckpt)), indent=2))
+                save_growth(rdir / m, base_state, load_file(ckpt))
         typer.echo(f"wrote {write_table(rdir, names, n, batch)}")
         return
     reqs = parse_requests(copy.deepcopy(sample_records("counterfact", start, n)))
@@ -240,7 +244,7 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
             final.write_text(json.dumps({"metrics": row, "eval_s": time.perf_counter() - t0, "machine": machine},
                                         indent=2))
         state = model.state_dict()
-        (mdir / "growth.json").write_text(json.dumps(weight_growth(base_state, {k: state[k] for k in changed}), indent=2))
+        save_growth(mdir, base_state, {k: state[k] for k in changed})
         write_table(rdir, names, n, batch)
     model.load_state_dict(base_state)
     # last, so that two processes editing one method each do not both spend the time on it

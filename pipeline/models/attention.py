@@ -33,9 +33,10 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     (``repeat_kv``) and, in the backward, sums the copies again; for the engine's short suffixes
     those copies and sums were a visible share of a step.  Here the query heads of a group are
     stacked along the query axis instead, so one ``matmul`` per KV head serves the whole group:
-    the same forward products, summed in the same order (the backward's sums may round differently).  Same interface as the eager kernel (Gemma's
-    logit soft-capping included; dropout is refused: this kernel is for inference and value
-    optimisation, which run the model in eval mode).
+    the same forward products, summed in the same order (the backward's sums may round
+    differently).  Same interface as the eager kernel (Gemma's logit soft-capping included; dropout
+    is refused: this kernel is for inference and value optimisation, which run the model in eval
+    mode).
     """
     if dropout and module.training:
         raise ValueError("grouped attention does not implement dropout; use v_attention: eager to train")
