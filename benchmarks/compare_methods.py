@@ -191,7 +191,7 @@ def main(argv=None) -> int:
 
     from pipeline.data import me_ppl_texts, sample_records
     from pipeline.editing.engine import edit
-    from pipeline.editing.requests import parse_requests
+    from pipeline.requests import parse_requests
     from pipeline.models.loading import load_model
 
     tfidf = generation_tfidf(args.skip_fluency)

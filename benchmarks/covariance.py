@@ -35,11 +35,12 @@ import typer
 
 from pipeline.editing.context import context_prefixes
 from pipeline.editing.covariance import Corpus, compute_second_moments, second_moments
-from pipeline.editing.engine import compute_targets, default_corpus, spread_targets
+from pipeline.editing.driver import Optimise, Replay, drive
+from pipeline.editing.engine import default_corpus
 from pipeline.editing.hooks import hooks, record_input, run_truncated, stop_after
 from pipeline.editing.hparams import load_hparams
 from pipeline.editing.methods import get_method
-from pipeline.editing.requests import parse_requests
+from pipeline.requests import parse_requests
 from pipeline.evaluation.protocols import evaluate
 from pipeline.editing.precision import working_copy
 from pipeline.models.adapters import adapter_for
@@ -155,12 +156,13 @@ def _edit_check(lm, adapter, hp, covs: dict, n: int) -> dict:
     spec = get_method("pmet")
     reqs = parse_requests(json.loads(COUNTERFACT.read_text())[:n])
     prefixes = context_prefixes(lm.model, lm.tokenizer, hp)
-    values = compute_targets(lm.model, lm.tokenizer, adapter, reqs, prefixes, spec, hp)
+    values = drive(lm.model, lm.tokenizer, adapter, reqs, prefixes, spec, hp, {}, Optimise(), apply=False,
+                   spread_last=False).values
     out: dict = {"requests": f"counterfact dev 0-{n - 1}", "v_dtype": hp.v_dtype}
     deltas = {}
     for dtype, c in covs.items():
         m = copy.deepcopy(lm.model)
-        deltas[dtype], _ = spread_targets(m, lm.tokenizer, adapter, reqs, prefixes, spec, hp, values, c, apply=True)
+        deltas[dtype] = drive(m, lm.tokenizer, adapter, reqs, prefixes, spec, hp, c, Replay(values), apply=True).deltas
         post, _ = evaluate(m, lm.tokenizer, reqs)
         out[f"post_{dtype}"] = {k: post[k] for k in ("efficacy", "generalization", "specificity", "score")}
     out["delta_rel_diff"] = {name: float((deltas["bfloat16"][name] - d).norm() / d.norm()) for name, d in deltas["float32"].items()}

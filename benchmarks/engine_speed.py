@@ -43,10 +43,12 @@ import typer
 
 from pipeline.editing.context import context_prefixes
 from pipeline.editing.covariance import Corpus, second_moments
-from pipeline.editing.engine import compute_targets, default_corpus, spread_targets
+from pipeline.editing.driver import Optimise, drive
+from pipeline.editing.engine import default_corpus
 from pipeline.editing.hparams import load_hparams
 from pipeline.editing.methods import get_method
-from pipeline.editing.requests import parse_requests
+from pipeline.editing.spread import written_projections
+from pipeline.requests import parse_requests
 from pipeline.evaluation.protocols import evaluate
 from pipeline.models.adapters import adapter_for
 from pipeline.models.loading import cache_home, load_model
@@ -96,7 +98,7 @@ def main(n: int = 100, start: int = 0, method: str = "pmet", config: list[str] =
     for name in config:
         engine, overrides = CONFIGS[name]
         hp = load_hparams(hparams, spec.hparams_from, overrides)
-        targets = [(role, layer) for layer in hp.layers for role, _ in spec.writes]
+        targets = written_projections(spec.resolve(hp))
         covs, _ = second_moments(base, tok, adapter, lm.fingerprint, corpus, targets, hp.cov_max_length,
                                  hp.cov_max_texts, hp.cov_batch_tokens, hp.cov_dtype, cache_home() / "covariance",
                                  progress=False)
@@ -104,12 +106,10 @@ def main(n: int = 100, start: int = 0, method: str = "pmet", config: list[str] =
         runs, post, first, identical = [], None, None, True
         for _ in range(repeat):
             m = copy.deepcopy(base)
-            t0 = time.perf_counter()
-            values = compute_targets(m, tok, adapter, reqs, prefixes, spec, hp, engine)
-            t1 = time.perf_counter()
-            deltas, _ = spread_targets(m, tok, adapter, reqs, prefixes, spec, hp, values, covs, apply=True)
-            t2 = time.perf_counter()
-            runs.append({"values_s": t1 - t0, "spread_s": t2 - t1, "mean_steps": float(values.steps.float().mean())})
+            timings: dict = {}
+            run = drive(m, tok, adapter, reqs, prefixes, spec, hp, covs, Optimise(engine), apply=True, timings=timings)
+            deltas = run.deltas
+            runs.append({**timings, "mean_steps": float(run.values[0].steps.float().mean())})
             if first is None:  # the repeats must write the same weights: evaluated once, compared after
                 first = deltas
                 post, _ = evaluate(m, tok, reqs)

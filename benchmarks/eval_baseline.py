@@ -29,7 +29,7 @@ import typer
 
 from pipeline.config import load_params
 from pipeline.data import me_ppl_texts, sample_records, verified_path
-from pipeline.editing.requests import RequestError, parse_record
+from pipeline.requests import RequestError, parse_record
 from pipeline.evaluation.perplexity import perplexity
 from pipeline.evaluation.suite import EvalSettings, evaluate_state, wikitext_tfidf
 from pipeline.models.loading import load_model

@@ -1,24 +1,33 @@
-"""Benchmark 4 of issue 6: the lifelong run.  CounterFact dev edits in sequential batches (default
-2000 = 20 × 100) on SmolLM2-135M, one history per method on the same requests, with
+"""The lifelong benchmark (issues 6, 18): CounterFact dev edits in sequential batches on SmolLM2-135M,
+one history per *variant* (a method and its settings: ``VARIANTS``) on the same requests, with
 
-* after every batch: the batch's own edits (efficacy, generalisation, specificity) and the
-  *retention curve* — a seeded sample of the edits of all earlier batches, drawn as the evaluate
-  stage draws it (:mod:`pipeline.evaluation.retention`), teacher-forced metrics only;
+* after every batch: the batch's own edits (efficacy, generalisation, specificity), the norm of
+  every edited matrix against the base (‖W‖/‖W₀‖, the growth that precedes collapse), and every
+  ``--retention-every`` batches the *retention curve* — a seeded sample of the edits of all earlier
+  batches, drawn as the evaluate stage draws it (:mod:`pipeline.evaluation.retention`),
+  teacher-forced metrics only — and ME-PPL-50;
 * after the last batch: every edit of the history (efficacy, generalisation, specificity, score),
   fluency (n-gram entropy) and ME-PPL-50 perplexity, the unedited model alongside, and the norm
-  growth of every edited matrix (sequential editing is known to fail through it; this shows how far
-  each method went).
+  growth of every edited matrix.
 
-It runs for hours on a 2-core CPU, so it is resumable: after each batch the edited weights are
-checkpointed (only the parameters that changed, under the editledger cache) and the batch's row
-appended to ``curve.jsonl``; a rerun continues after the last completed batch.  The weights are
-updated in place batch after batch exactly as ``edit(..., apply=True)`` does, and the checkpoint
-holds those tensors themselves, so a resumed history equals an uninterrupted one bit for bit.
+Constrained variants get what their rule needs the way the ledger gives it: the null-space rule the
+history ``Σ KᵀK`` of every earlier batch's keys (all stay active in a stream), norm anchoring the
+unedited model's value norms (a copy of the base model).
 
-    python benchmarks/lifelong.py                                   # pmet and memit, 20 × 100
-    python benchmarks/lifelong.py --methods memit --n 40 --batch 20 # a smoke run (labelled smoke)
-    python benchmarks/lifelong.py --table-only                      # LIFELONG.md from what exists
-    python benchmarks/lifelong.py --growth-only                     # growth.json of finished histories
+It runs for hours on a 2-core CPU, so it is resumable: after each batch the edited weights and the
+history are checkpointed (only the parameters that changed, under the editledger cache) and the
+batch's row appended to ``curve.jsonl``; a rerun continues after the last completed batch.  The
+weights are updated in place batch after batch exactly as ``edit(..., apply=True)`` does, and the
+checkpoint holds those tensors themselves, so a resumed history equals an uninterrupted one bit for
+bit.  Streams: 2000 = 20 × 100 and 10000 = 100 × 100 from record 0, 500 × 1 (``--batch 1``);
+``--start`` ≥ 10000 is a tuning stream (records disjoint from the reported ones); anything else is
+labelled a smoke run.  ``--overrides`` (JSON) applies to every variant, e.g. float32 compute on a
+CPU without bfloat16 dot products.
+
+    python benchmarks/lifelong.py --variants pmet+ns,memit+ns           # 20 × 100 on records 0-1999
+    python benchmarks/lifelong.py --variants pmet+ns --n 300 --start 10000  # a tuning stream
+    python benchmarks/lifelong.py --table-only --variants pmet,memit,pmet+ns
+    python benchmarks/lifelong.py --growth-only                         # growth.json of finished histories
 """
 
 from __future__ import annotations
@@ -38,6 +47,23 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FULL_N = 2000
+STREAMS = {(2000, 100), (10000, 100), (500, 1)}  # the reported streams (from record 0)
+TUNING_START = 10000  # records from here on tune settings; the reported streams use 0-9999
+# variant → (method, hyper-parameter overrides on the bundled setting)
+NULL_SPACE = {"solver": "null_space", "null_space_share": 0.5, "null_space_alpha": 1.0}
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "memit": ("memit", {}),
+    "pmet": ("pmet", {}),
+    "jeep": ("jeep", {}),
+    "memit+ns": ("memit", NULL_SPACE),
+    "pmet+ns": ("pmet", NULL_SPACE),
+    "pmet-c0.75+ns": ("pmet", {**NULL_SPACE, "clamp_norm_factor": 0.75}),
+    "jeep+ns": ("jeep", NULL_SPACE),
+    # ENCORE (Gupta et al. 2025): most-probable early stopping + the norm term; NAS: norm anchors
+    "memit+encore": ("memit", {"argmax_stop_steps": 2, "norm_weight": 10.0}),
+    "pmet+nas": ("pmet", {"norm_anchor": True, "norm_anchor_skip": 3.0}),
+    "pmet+ns+nas": ("pmet", {**NULL_SPACE, "norm_anchor": True, "norm_anchor_skip": 3.0}),
+}
 # = pipeline.stages.summary.HEADLINE, kept here so that importing the script (its table test) stays light
 HEADLINE = ("efficacy", "generalization", "specificity", "score")
 
@@ -46,8 +72,28 @@ def pick(metrics: dict) -> dict:
     return {k: metrics[k] for k in HEADLINE}
 
 
+def stream_label(n: int, batch: int, start: int) -> str:
+    """``''`` for a reported stream, ``'tuning'`` on the tuning records, else ``'smoke'``."""
+    if start >= TUNING_START:
+        return "tuning"
+    return "" if (n, batch) in STREAMS and start == 0 else "smoke"
+
+
 def run_dir(out: Path, n: int, batch: int, start: int) -> Path:
-    return out / f"lifelong{'_smoke' if n < FULL_N else ''}_n{n}_b{batch}_s{start}"
+    label = stream_label(n, batch, start)
+    return out / f"lifelong{'_' + label if label else ''}_n{n}_b{batch}_s{start}"
+
+
+def variant_hparams(name: str, hparams: str, overrides: dict):
+    """The hyper-parameters of a variant: the bundled method section, the variant's changes, then
+    the run's ``--overrides``."""
+    from pipeline.editing.hparams import load_hparams
+    from pipeline.editing.methods import get_method
+
+    if name not in VARIANTS:
+        raise typer.BadParameter(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    method, changes = VARIANTS[name]
+    return method, load_hparams(hparams, get_method(method).hparams_from, {**changes, **overrides})
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -78,7 +124,10 @@ def save_growth(mdir: Path, base: dict, edited: dict) -> None:
 
 def write_table(rdir: Path, methods: list[str], n: int, batch: int) -> Path:
     """``LIFELONG.md`` in the run directory: progress, final metrics and the retention curve per method."""
-    lines = [f"# {'SMOKE RUN — not a result: ' if n < FULL_N else ''}lifelong editing, SmolLM2-135M, "
+    label = stream_label(n, batch, int(rdir.name.rsplit("_s", 1)[1]) if "_s" in rdir.name else 0)
+    title = {"smoke": "SMOKE RUN — not a result: ", "tuning": "TUNING RUN (records disjoint from the reported ones): ",
+             "": ""}[label]
+    lines = [f"# {title}lifelong editing, SmolLM2-135M, "
              f"{n} CounterFact dev edits in {n // batch} sequential batches of {batch}", ""]
     base = rdir / "unedited.json"
     finals = []
@@ -101,13 +150,15 @@ def write_table(rdir: Path, methods: list[str], n: int, batch: int) -> Path:
     lines += ["", "`—`: not reached yet (a history without its final evaluation has not finished), or fluency skipped (`--skip-fluency`).", "",
               "## Retention curve (after batch t: seeded sample of the edits of batches 1..t-1)", "",
               "| method | batch | edits | own efficacy | own generalization | retained n | retained efficacy "
-              "| retained generalization | retained specificity | edit s | eval s |", "|" + "---|" * 11]
+              "| retained generalization | retained specificity | edit s | eval s | max ‖W‖/‖W₀‖ | ME-PPL-50 |",
+              "|" + "---|" * 13]
     for m in methods:
         for r in read_jsonl(rdir / m / "curve.jsonl"):
             own, ret = r["own"], r.get("retention") or {}
             lines.append(f"| {m} | {r['batch']} | {r['edits']} | {fmt(own['efficacy'])} | {fmt(own['generalization'])} "
                          f"| {r['retention_n']} | {fmt(ret.get('efficacy'))} | {fmt(ret.get('generalization'))} "
-                         f"| {fmt(ret.get('specificity'))} | {r['edit_s']:.0f} | {r['eval_s']:.0f} |")
+                         f"| {fmt(ret.get('specificity'))} | {r['edit_s']:.0f} | {r['eval_s']:.0f} "
+                         f"| {fmt(r.get('max_norm_ratio'))} | {fmt(r.get('me_ppl_50'))} |")
     growth = {m: json.loads((rdir / m / "growth.json").read_text()) for m in methods if (rdir / m / "growth.json").exists()}
     if growth:
         lines += ["", "## Norm growth of the edited matrices after the last batch", "",
@@ -145,22 +196,21 @@ def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT) -> None:
     path.write_text(json.dumps({"hparams": wanted, "commit": commit or None}, indent=2) + "\n")
 
 
-def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: int = 0,
-         retention_sample: int = 100, hparams: str = "smollm2-135m-instruct",
+def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: int = 0,
+         retention_sample: int = 100, retention_every: int = 1, ppl_every: int = 5,
+         hparams: str = "smollm2-135m-instruct", overrides: str = "{}",
          out: Path = ROOT / "benchmarks" / "results", skip_fluency: bool = False, table_only: bool = False,
          growth_only: bool = False):
-    """Edit ``n`` requests in batches of ``batch`` with each method; resumable (see the module doc).
+    """Edit ``n`` requests in batches of ``batch`` with each variant; resumable (see the module doc).
     ``--growth-only`` writes ``growth.json`` for histories that have finished, from their
     checkpoints; it edits nothing, so it runs on any commit."""
-    from pipeline.editing.hparams import load_hparams
-    from pipeline.editing.methods import get_method
-
     if n < 1 or batch < 1 or n % batch:
         raise typer.BadParameter(f"--n ({n}) must be a positive multiple of --batch ({batch})")
-    if retention_sample < 1:
-        raise typer.BadParameter("--retention-sample must be ≥ 1")
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    hps = {m: load_hparams(hparams, get_method(m).hparams_from) for m in names}  # bad names fail here
+    if retention_sample < 1 or retention_every < 1 or ppl_every < 1:
+        raise typer.BadParameter("--retention-sample, --retention-every and --ppl-every must be ≥ 1")
+    names = [m.strip() for m in variants.split(",") if m.strip()]
+    extra = json.loads(overrides)
+    hps = {m: variant_hparams(m, hparams, extra) for m in names}  # bad names fail here
     rdir = run_dir(out, n, batch, start)
     rdir.mkdir(parents=True, exist_ok=True)
     if table_only:
@@ -173,11 +223,13 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
     from compare_methods import evaluate_state, generation_tfidf
     from pipeline.data import me_ppl_texts, sample_records
     from pipeline.editing.engine import edit
-    from pipeline.editing.requests import parse_requests
+    from pipeline.editing.history import extended
+    from pipeline.evaluation.perplexity import perplexity
     from pipeline.evaluation.protocols import evaluate
     from pipeline.evaluation.retention import Candidate, RetentionSettings, plan
     from pipeline.ledger.atomic import canonical_json
     from pipeline.models.loading import cache_home, load_model
+    from pipeline.requests import parse_requests
 
     torch.manual_seed(0)
     lm = load_model()
@@ -188,55 +240,71 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
         for m in names:
             ckpt = ckpt_root / f"{m}.safetensors"
             if (rdir / m / "final.json").exists() and ckpt.exists():
-                save_growth(rdir / m, base_state, load_file(ckpt))
+                save_growth(rdir / m, base_state, {k: v for k, v in load_file(ckpt).items() if "/" not in k})
         typer.echo(f"wrote {write_table(rdir, names, n, batch)}")
         return
     reqs = parse_requests(copy.deepcopy(sample_records("counterfact", start, n)))
     keys = [canonical_json(r.canonical()) for r in reqs]
     texts, tfidf = me_ppl_texts(), generation_tfidf(skip_fluency)
     machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "processor": platform.processor() or platform.machine()}
+               "processor": platform.processor() or platform.machine(),
+               "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported())}
     (rdir / "machine.json").write_text(json.dumps(machine, indent=2))
     settings = RetentionSettings(sample=retention_sample, full_every=0, generation=False, seed=0)
+    unedited = None  # a copy of the base model, for the variants that anchor norms to it
 
     for m in names:
+        method, hp = hps[m]
         mdir = rdir / m
         mdir.mkdir(exist_ok=True)
         curve_path = mdir / "curve.jsonl"
         curve = read_jsonl(curve_path)
-        check_settings(mdir / "settings.json", hps[m], bool(curve))
+        check_settings(mdir / "settings.json", hp, bool(curve))
         model.load_state_dict(base_state)
+        if hp.norm_anchor and unedited is None:
+            unedited = copy.deepcopy(model)
         ckpt = ckpt_root / f"{m}.safetensors"
         changed: set[str] = set()  # parameters the history has written so far (what the checkpoint holds)
+        history: dict[str, torch.Tensor] = {}  # Σ KᵀK of every earlier batch (all active in a stream)
         if curve:
             if not ckpt.exists():
                 raise SystemExit(f"error: {curve_path} has {len(curve)} batches but the checkpoint {ckpt} is missing; "
                                  f"delete {mdir} to start {m} again")
             saved = load_file(ckpt)
-            model.load_state_dict(saved, strict=False)
-            changed = set(saved)
+            history = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith("history/")}
+            weights = {k: v for k, v in saved.items() if "/" not in k}
+            model.load_state_dict(weights, strict=False)
+            changed = set(weights)
         for b in range(len(curve), n // batch):
             lo, hi = b * batch, (b + 1) * batch
             t0 = time.perf_counter()
-            res = edit(model, tok, reqs[lo:hi], method=m, hparams=hps[m], apply=True, fingerprint=lm.fingerprint,
-                       progress=False)
+            res = edit(model, tok, reqs[lo:hi], method=method, hparams=hp, apply=True, fingerprint=lm.fingerprint,
+                       progress=False, history=history or None, unedited=unedited)
             edit_s = time.perf_counter() - t0
+            history = extended(history, res.keys)
             t0 = time.perf_counter()
             own, _ = evaluate(model, tok, reqs[lo:hi])
-            chosen = plan(b + 1, [Candidate(f"{i // batch:04d}", i, keys[i]) for i in range(lo)], settings).chosen
+            chosen = []
+            if (b + 1) % retention_every == 0 or b + 1 == n // batch:
+                chosen = plan(b + 1, [Candidate(f"{i // batch:04d}", i, keys[i]) for i in range(lo)], settings).chosen
             ret = evaluate(model, tok, [reqs[c.index] for c in chosen])[0] if chosen else None
-            row = {"batch": b + 1, "edits": hi, "edit_s": edit_s, "eval_s": time.perf_counter() - t0,
-                   "mean_steps": sum(res.steps) / len(res.steps), "own": pick(own), "retention_n": len(chosen),
-                   "retention": pick(ret) if ret else None}
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
             changed |= set(res.deltas)
             state = model.state_dict()
+            norms = {k: float(state[k].double().norm() / base_state[k].double().norm()) for k in sorted(changed)}
+            ppl = perplexity(model, tok, texts) if (b + 1) % ppl_every == 0 else None
+            row = {"batch": b + 1, "edits": hi, "edit_s": edit_s, "eval_s": time.perf_counter() - t0,
+                   "mean_steps": sum(res.steps) / len(res.steps), "own": pick(own), "retention_n": len(chosen),
+                   "retention": pick(ret) if ret else None, "norm_ratio": norms,
+                   "max_norm_ratio": max(norms.values()), "me_ppl_50": ppl}
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
-            save_file({k: state[k].detach().contiguous() for k in changed}, str(tmp))
+            save_file({**{k: state[k].detach().contiguous() for k in changed},
+                       **{f"history/{k}": v for k, v in history.items()}}, str(tmp))
             tmp.replace(ckpt)  # the checkpoint first: a row in curve.jsonl always has its weights
             append_jsonl(curve_path, row)
             typer.echo(f"{m}: batch {b + 1}/{n // batch} edit {edit_s:.0f} s, own efficacy {own['efficacy']:.2f}, "
-                       f"retained efficacy {row['retention']['efficacy'] if ret else float('nan'):.2f}")
+                       f"retained efficacy {row['retention']['efficacy'] if ret else float('nan'):.2f}, "
+                       f"max ‖W‖/‖W₀‖ {row['max_norm_ratio']:.3f}" + (f", ME-PPL-50 {ppl:.1f}" if ppl else ""))
         final = mdir / "final.json"
         if not final.exists():
             t0 = time.perf_counter()
@@ -247,7 +315,7 @@ def main(methods: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: 
         save_growth(mdir, base_state, {k: state[k] for k in changed})
         write_table(rdir, names, n, batch)
     model.load_state_dict(base_state)
-    # last, so that two processes editing one method each do not both spend the time on it
+    # last, so that two processes editing one variant each do not both spend the time on it
     if not (rdir / "unedited.json").exists():
         t0 = time.perf_counter()
         row = evaluate_state(model, tok, reqs, None, texts, tfidf)

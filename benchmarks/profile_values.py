@@ -1,6 +1,6 @@
 """Where a value-optimisation step spends its time (issue 6: profile before optimising).
 
-Runs the engine's value optimisation (``compute_targets``) on CounterFact dev requests with a few
+Runs the engine's value optimisation (``optimise_targets``) on CounterFact dev requests with a few
 steps under ``torch.profiler`` and prints the operators by self CPU time, plus the wall time per
 step.  One warm-up run first (allocator, kernels), so the profiled run is the steady state.
 
@@ -18,10 +18,10 @@ import torch
 import typer
 
 from pipeline.editing.context import context_prefixes
-from pipeline.editing.engine import compute_targets
+from pipeline.editing.targets import optimise_targets
 from pipeline.editing.hparams import load_hparams
-from pipeline.editing.methods import get_method
-from pipeline.editing.requests import parse_requests
+from pipeline.editing.methods import get_method, sites_of
+from pipeline.requests import parse_requests
 from pipeline.models.adapters import adapter_for
 from pipeline.models.loading import load_model
 
@@ -40,7 +40,8 @@ def main(n: int = 25, start: int = 0, steps: int = 4, method: str = "pmet", engi
     reqs = parse_requests(json.loads(COUNTERFACT.read_text())[start : start + n])
     prefixes = context_prefixes(lm.model, lm.tokenizer, hp)
     adapter = adapter_for(lm.model)
-    run = lambda: compute_targets(lm.model, lm.tokenizer, adapter, reqs, prefixes, spec, hp, engine)  # noqa: E731
+    sites = sites_of(spec.resolve(hp))
+    run = lambda: optimise_targets(lm.model, lm.tokenizer, adapter, reqs, prefixes, sites, hp, engine)  # noqa: E731
     run()  # warm-up
     walls, cpus = [], []
     for _ in range(repeat):

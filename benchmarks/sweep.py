@@ -19,10 +19,12 @@ import typer
 
 from pipeline.editing.context import context_prefixes
 from pipeline.editing.covariance import Corpus, second_moments
-from pipeline.editing.engine import compute_targets, default_corpus, spread_targets
+from pipeline.editing.driver import Optimise, Replay, drive
+from pipeline.editing.engine import default_corpus
 from pipeline.editing.hparams import load_hparams
 from pipeline.editing.methods import get_method
-from pipeline.editing.requests import parse_requests
+from pipeline.editing.spread import written_projections
+from pipeline.requests import parse_requests
 from pipeline.evaluation.protocols import evaluate
 from pipeline.models.adapters import adapter_for
 from pipeline.models.loading import cache_home, load_model
@@ -46,17 +48,17 @@ def main(grid: Path, out: Path, start: int = 1000, n: int = 30, model: str = "sm
         spec = get_method(group["method"])
         lams = group.pop("lambdas")
         hp = load_hparams(hparams, spec.hparams_from, {k: v for k, v in group.items() if k != "method"})
-        targets = [(role, layer) for layer in hp.layers for role, _ in spec.writes]
+        targets = written_projections(spec.resolve(hp))
         covs, _ = second_moments(m, tok, adapter, lm.fingerprint, corpus, targets, hp.cov_max_length, hp.cov_max_texts,
                                  hp.cov_batch_tokens, hp.cov_dtype, cache_home() / "covariance", progress=False)
         prefixes = context_prefixes(m, tok, hp)
         t0 = time.perf_counter()
-        values = compute_targets(m, tok, adapter, reqs, prefixes, spec, hp, "fast")
+        (values,) = drive(m, tok, adapter, reqs, prefixes, spec, hp, {}, Optimise(), apply=False, spread_last=False).values
         t_values = time.perf_counter() - t0
         opt_ok = sum(1 for r in values.trace if r["step"] == values.steps[r["request"]] - 1 and r["argmax"]) / len(reqs)
         for lam in lams:
             hp_l = hp.replace(mom2_update_weight=lam)
-            spread_targets(m, tok, adapter, reqs, prefixes, spec, hp_l, values, covs, apply=True)
+            drive(m, tok, adapter, reqs, prefixes, spec, hp_l, covs, Replay([values]), apply=True)
             post, _ = evaluate(m, tok, reqs)
             m.load_state_dict(base_state)  # undo the edit before the next λ
             shown = ("layers", "mom2_update_weight", "clamp_norm_factor", "v_num_grad_steps", "v_lr", "kl_factor", "v_weight_decay",

@@ -32,8 +32,8 @@ def _user_errors():
     from pipeline.editing.covariance import CovarianceCacheError
     from pipeline.editing.hparams import HParamsError
     from pipeline.editing.methods import MethodError
-    from pipeline.editing.requests import RequestError
-    from pipeline.editing.values import OptimisationError
+    from pipeline.requests import RequestError
+    from pipeline.editing.optimise import OptimisationError
     from pipeline.models.adapters import AdapterError
     from pipeline.models.loading import ModelLoadError
 
@@ -110,11 +110,13 @@ def _edit(requests_path, out, method, model_path, params_path, engine, save_mode
     import torch
 
     from pipeline.config import load_params, modifier_overrides
-    from pipeline.editing.engine import ENGINES, apply_deltas, default_corpus
+    from pipeline.editing.engine import default_corpus
     from pipeline.editing.engine import edit as run_edit
+    from pipeline.editing.targets import ENGINES
+    from pipeline.models.weights import apply_deltas
     from pipeline.editing.hparams import load_hparams
     from pipeline.editing.methods import get_method
-    from pipeline.editing.requests import load_requests
+    from pipeline.requests import load_requests
     from pipeline.evaluation.protocols import evaluate
     from pipeline.models.loading import load_model
     from pipeline.artifacts import write_edit_outputs
@@ -182,8 +184,9 @@ def add(
 
 
 def _add(requests_path, method, params_path, iterative=None, neighbors=None):
-    from pipeline.editing.requests import load_requests
+    from pipeline.requests import load_requests
     from pipeline.ledger import add_edit
+    from pipeline.stages.dvcfile import batch_dvc_yaml
     from pipeline.stages.common import check_covariance_config, check_layers, resolve_hparams
 
     project = _project()
@@ -196,7 +199,8 @@ def _add(requests_path, method, params_path, iterative=None, neighbors=None):
     check_covariance_config(cfg, spec, hp)
     reqs = load_requests(requests_path)
     check_neighbor_requests(reqs, hp.neighbors)
-    path = add_edit(project.ledger, reqs, spec.name, hp, engine=cfg["edit"]["engine"], seed=cfg["seed"])
+    path = add_edit(project.ledger, reqs, spec.name, hp, engine=cfg["edit"]["engine"], seed=cfg["seed"],
+                    stage_file=batch_dvc_yaml)
     typer.echo(f"added {_rel(project, path)}: {len(reqs)} requests, {spec.name}{hp.modifier_label}; "
                "`dvc repro -P` computes it")
 
@@ -205,9 +209,10 @@ def _add(requests_path, method, params_path, iterative=None, neighbors=None):
 def revert(ref: str = typer.Argument(..., metavar="ID", help="entry (seq, directory, id prefix) or 'base'")):
     """Append a revert: the active state becomes the state right after ID."""
     from pipeline.ledger import add_revert
+    from pipeline.stages.dvcfile import batch_dvc_yaml
 
     project = _project()
-    path = _guard(add_revert, project.ledger, ref)
+    path = _guard(add_revert, project.ledger, ref, batch_dvc_yaml)
     typer.echo(f"added {_rel(project, path)} (revert to {ref}); `dvc repro -P` computes it")
 
 
@@ -218,9 +223,10 @@ def drop(
 ):
     """Append entries that remove one batch from the active state."""
     from pipeline.ledger import add_drop
+    from pipeline.stages.dvcfile import batch_dvc_yaml
 
     project = _project()
-    paths = _guard(add_drop, project.ledger, ref, "fast" if fast else "exact")
+    paths = _guard(add_drop, project.ledger, ref, "fast" if fast else "exact", batch_dvc_yaml)
     what = "fast (approximate)" if fast else f"exact, re-applying {len(paths) - 1} later batch(es)"
     for p in paths:
         typer.echo(f"added {_rel(project, p)}")

@@ -29,8 +29,10 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
     },
     # the apply stage's collapse guard: refuse a batch whose ME-PPL-50 perplexity exceeds this many
-    # times the base model's (recorded as a refused entry; docs/LEDGER.md); null = off
-    "guard": {"max_ppl_ratio": None},
+    # times the base model's (recorded as a refused entry; docs/LEDGER.md); null = off.  On by default:
+    # a healthy constrained history stays within 1.3× (benchmarks/RESULTS.md §5), a collapsing one
+    # passes 2× early
+    "guard": {"max_ppl_ratio": 2.0},
 }
 
 

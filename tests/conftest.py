@@ -24,8 +24,6 @@ from transformers import (
 torch.set_num_threads(1)
 
 FAMILIES = ("llama", "gpt2", "gptj", "gpt_neox", "gemma3_text")
-SEQUENTIAL = ("llama", "gpt2", "gemma3_text")
-PARALLEL = ("gptj", "gpt_neox")
 
 N_LAYERS = 4
 HIDDEN = 32
@@ -246,6 +244,6 @@ def cf_records():
 
 @pytest.fixture
 def cf_requests():
-    from pipeline.editing.requests import parse_requests
+    from pipeline.requests import parse_requests
 
     return parse_requests(copy.deepcopy(COUNTERFACT_RECORDS))

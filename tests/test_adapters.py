@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import HIDDEN, INTER, N_LAYERS, PARALLEL, SEQUENTIAL, make_model
+from conftest import HIDDEN, INTER, N_LAYERS, make_model
 from pipeline.editing.hooks import (
     StopForward,
     add_at,
@@ -20,7 +20,6 @@ from pipeline.editing.hooks import (
     run_truncated,
     stop_after,
 )
-from pipeline.models.adapters import FAMILIES as ADAPTERS
 from pipeline.models.adapters import AdapterError, adapter_for
 from pipeline.models.loading import model_fingerprint
 
@@ -73,20 +72,12 @@ def test_adapter_for_every_family(family_model):
     adapter = adapter_for(model)
     assert adapter.family == family
     assert adapter.num_layers(model) == N_LAYERS
-    assert adapter.parallel == (family in PARALLEL)
     assert adapter.transposed == (family == "gpt2")
     assert (adapter.mlp_post_norm is not None) == (family == "gemma3_text")
     for layer in range(N_LAYERS):
         name = adapter.parameter_name("mlp_out", layer)
         assert name in dict(model.named_parameters())
         assert adapter.module(model, "mlp_out", layer) is model.get_submodule(name[: -len(".weight")])
-
-
-def test_gpt_neox_sequential_residual_is_not_parallel():
-    model = make_model("gpt_neox")
-    model.config.use_parallel_residual = False
-    assert adapter_for(model).parallel is False
-    assert ADAPTERS["gpt_neox"].parallel is True  # the shared registry entry is not mutated
 
 
 def test_unknown_model_type_raises():
@@ -149,10 +140,10 @@ def test_weight_is_out_in_view_sharing_storage(family_model, role, shape):
         w[2, 3] += 1.0  # write through the [out, in] view
     changed = (param.detach() != before).nonzero().tolist()
     assert changed == ([[3, 2]] if family == "gpt2" else [[2, 3]])
-    # a full [out, in] update mapped to the parameter layout lands where the view says
+    # a full [out, in] update added through the view (as the spread adds it) lands where the view says
     delta = torch.randn(shape)
     with torch.no_grad():
-        param.add_(adapter.to_parameter_layout(delta))
+        w.add_(delta)
     expected = (before.T if family == "gpt2" else before).clone()
     expected[2, 3] += 1.0
     expected += delta
@@ -360,11 +351,6 @@ def test_fingerprint_tracks_weights_and_ignores_storage_details(llama):
         adapter_for(model).weight(model, "mlp_out", 0)[0, 0] += 1e-3
     assert model_fingerprint(model) != fp
     assert model_fingerprint(make_model("llama", seed=1)) != fp
-
-
-@pytest.mark.parametrize("family", SEQUENTIAL)
-def test_sequential_families_are_not_parallel(family):
-    assert adapter_for(make_model(family)).parallel is False
 
 
 # ------------------------------------------------------------------------------------ loading

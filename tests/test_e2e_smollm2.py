@@ -21,7 +21,9 @@ from pipeline.data import sample_records
 from pipeline.models.loading import load_model, model_fingerprint
 
 pytestmark = pytest.mark.e2e
-FAST = {"cov_max_texts": 300}
+# a short corpus, and float32 compute: on CPUs without bfloat16 dot products (no AVX512-BF16/AMX) the
+# bundled PMET setting's bfloat16 matmuls are emulated, ~30× slower (the tiny tests cover that path)
+FAST = {"cov_max_texts": 300, "v_dtype": "float32", "cov_dtype": "float32"}
 
 
 @pytest.fixture(scope="module")

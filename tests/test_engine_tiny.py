@@ -11,13 +11,15 @@ import torch
 
 import pipeline
 import pipeline.editing.covariance as cov_mod
+import pipeline.editing.driver as driver_mod
 import pipeline.editing.engine as engine_mod
 from conftest import COUNTERFACT_RECORDS
 from pipeline import apply_deltas
 from pipeline.editing.hparams import HParams, HParamsError
 from pipeline.editing.keys import site_values
 from pipeline.editing.methods import MethodError, get_method
-from pipeline.editing.requests import RequestError, parse_requests
+from pipeline.editing.solvers import SOLVERS, Solver
+from pipeline.requests import RequestError, parse_requests
 from pipeline.evaluation.scoring import score_pairs
 from pipeline.models.adapters import AdapterError, adapter_for
 
@@ -54,20 +56,20 @@ def _assert_same_state(model, state):
 def _expected_names(model, method):
     adapter = adapter_for(model)
     spec = get_method(method)
-    return {adapter.parameter_name(role, layer) for layer in LAYERS for role, _ in spec.writes}
+    return {adapter.parameter_name(role, layer) for layer in LAYERS for r in spec.regions for role, _ in r.writes}
 
 
 @pytest.fixture
 def capture_values(monkeypatch):
     """Record the ValueResult that edit() optimised (targets are not part of EditResult)."""
     box = {}
-    real = engine_mod.compute_targets
+    real = driver_mod.optimise_targets
 
     def spy(*args, **kwargs):
         box["values"] = real(*args, **kwargs)
         return box["values"]
 
-    monkeypatch.setattr(engine_mod, "compute_targets", spy)
+    monkeypatch.setattr(driver_mod, "optimise_targets", spy)
     return box
 
 
@@ -87,12 +89,13 @@ def test_edit_writes_expected_parameters_and_leaves_model_alone(model_factory, c
     assert res.steps == [HP.v_num_grad_steps] * 3
     assert res.prefixes[0] == "" and len(res.prefixes) == 1 + len(HP.context_starters)
     spec = get_method(method)
-    assert set(res.covariance_ids) == {f"{role}@{layer}" for layer in LAYERS for role, _ in spec.writes}
+    writes = [w for r in spec.regions for w in r.writes]
+    assert set(res.covariance_ids) == {f"{role}@{layer}" for layer in LAYERS for role, _ in writes}
     # one layer row per written (layer, role), lowest layer first, with the method's divisor
-    assert [(r["layer"], r["role"]) for r in res.layers] == [(l, role) for l in LAYERS for role, _ in spec.writes]
+    assert [(r["layer"], r["role"]) for r in res.layers] == [(l, role) for l in LAYERS for role, _ in writes]
     for r in res.layers:
         remaining = len(LAYERS) - LAYERS.index(r["layer"])
-        assert r["divisor"] == pytest.approx(remaining if spec.spread == "even" else math.sqrt(remaining))
+        assert r["divisor"] == pytest.approx(remaining if spec.regions[0].spread == "even" else math.sqrt(remaining))
     assert {row["request"] for row in res.traces} == {0, 1, 2}
 
 
@@ -177,7 +180,7 @@ def test_written_targets_are_approached(model_factory, corpus_path, tmp_path, ca
     first = res.layers[0]
     gap0 = float(values.deltas[first["site"]].norm(dim=-1).mean())
     assert first["target_gap_norm"] == pytest.approx(gap0, rel=1e-4)
-    for _, site in spec.writes:
+    for _, site in (w for r in spec.regions for w in r.writes):
         now = site_values(model, tok, adapter, reqs, site, last)
         before = values.deltas[site].norm(dim=-1)  # ‖target − value of the unedited model‖
         after = (values.targets[site] - now).norm(dim=-1)
@@ -213,14 +216,14 @@ def test_failure_during_spread_restores_the_model(llama, corpus_path, tmp_path, 
     model, tok = llama
     before = _state(model)
     calls = {"n": 0}
-    real = engine_mod.closed_form_update
+    real = SOLVERS["closed_form"].solve
 
     def second_fails(*a, **k):
         calls["n"] += 1
-        out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 2 else out
+        out, info = real(*a, **k)
+        return (out * float("nan") if calls["n"] == 2 else out), info
 
-    monkeypatch.setattr(engine_mod, "closed_form_update", second_fails)
+    monkeypatch.setitem(SOLVERS, "closed_form", Solver(second_fails))
     with pytest.raises(FloatingPointError, match="non-finite update at layer 2"):
         _edit(model, tok, corpus_path, tmp_path, "pmet", apply=True)
     assert calls["n"] == 2

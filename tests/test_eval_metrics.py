@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import counterfact_record
-from pipeline.editing.requests import parse_requests
-from pipeline.editing.tokens import target_ids
+from pipeline.requests import parse_requests
+from pipeline.tokens import target_ids
 from pipeline.evaluation.consistency import Tfidf
 from pipeline.evaluation.fluency import fluency, ngram_entropy, ngram_entropy_bits, words
 from pipeline.evaluation.generation import DecodingSettings, generate

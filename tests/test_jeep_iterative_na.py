@@ -10,17 +10,18 @@ import pytest
 import torch
 
 import pipeline
+import pipeline.editing.driver as driver_mod
 import pipeline.editing.engine as engine_mod
 from conftest import COUNTERFACT_RECORDS
 from pipeline import apply_deltas
 from pipeline.editing.hparams import HParams, HParamsError
-from pipeline.editing.iterate import plan, run_edit
+from pipeline.editing.driver import Optimise, Replay, drive, plan
 from pipeline.editing.keys import site_values
 from pipeline.editing.methods import METHODS, MethodError, get_method
 from pipeline.editing.neighbors import select_neighbors
-from pipeline.editing.requests import parse_requests
-from pipeline.editing.tokens import target_ids
-from pipeline.editing.values import ValueProblem
+from pipeline.requests import parse_requests
+from pipeline.tokens import target_ids
+from pipeline.editing.problem import ValueProblem
 from pipeline.evaluation.protocols import evaluate
 from pipeline.evaluation.scoring import score_pairs
 from pipeline.ledger.entry import edit_content, entry_id
@@ -47,14 +48,14 @@ def _edit(model, tok, corpus, cache, method="jeep", hp=HP, records=None, **kw):
 @pytest.fixture
 def capture_values(monkeypatch):
     box = {"values": []}
-    real = engine_mod.compute_targets
+    real = driver_mod.optimise_targets
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         box["values"].append(out)
         return out
 
-    monkeypatch.setattr(engine_mod, "compute_targets", spy)
+    monkeypatch.setattr(driver_mod, "optimise_targets", spy)
     return box
 
 
@@ -129,7 +130,8 @@ def test_jeep_ablations_write_what_they_say(llama, corpus_path, tmp_path, captur
     if low_div:
         assert low_div == pytest.approx([2.0, 1.0] if method == "jeep-even" else [math.sqrt(2), 1.0])
     high_div = [r["divisor"] for r in res.layers if r.get("region") == "high"]
-    assert high_div == ([2.0, 1.0] if spec.high_writes else [])  # even spread in step 3
+    high_writes = [w for r in spec.regions if r.name == "high" for w in r.writes]
+    assert high_div == ([2.0, 1.0] if high_writes else [])  # even spread in step 3
 
 
 def test_separate_and_joint_optimisation_differ(llama, corpus_path, tmp_path):
@@ -176,13 +178,14 @@ def test_bad_modifier_and_region_values_are_rejected(change, match):
 def test_method_specs_are_checked():
     with pytest.raises(MethodError, match="unknown method 'jeep-turbo'"):
         get_method("jeep-turbo")
-    from pipeline.editing.methods import Method
+    from pipeline.editing.methods import Method, RegionSpec
 
+    low = RegionSpec("low", "subject", ("mlp",), (("mlp_out", "mlp"),), "sqrt")
     with pytest.raises(MethodError, match="cannot write"):
-        Method("x", ("mlp",), (("mlp_out", "mlp"),), "sqrt", "jeep", "", high_writes=(("mlp_out", "mlp"),))
+        Method("x", (low, RegionSpec("high", "prediction", ("pred_residual",), (("mlp_out", "mlp"),), "even")), "jeep", "")
     with pytest.raises(MethodError, match="separate optimisation"):
-        Method("x", ("mlp",), (("mlp_out", "mlp"),), "sqrt", "jeep", "", joint=False)
-    assert [len(plan(get_method(m))) for m in ("pmet", "jeep", "jeep-separate")] == [1, 1, 2]
+        Method("x", (low, RegionSpec("high", "prediction", ("pred_residual",), (), "even")), "jeep", "", joint=False)
+    assert [len(plan(get_method(m), HP)) for m in ("pmet", "jeep", "jeep-separate")] == [1, 1, 2]
 
 
 def test_modifiers_are_hashed_but_defaults_keep_old_hashes():
@@ -252,24 +255,25 @@ def test_recorded_passes_replay_to_the_same_deltas(model_factory, corpus_path, t
     """The ledger's apply stage re-runs the spreads of the recorded passes: same deltas, bit for bit."""
     from pipeline.editing.context import context_prefixes
     from pipeline.editing.covariance import Corpus, second_moments
-    from pipeline.stages.keys_values import read_passes, values_table
+    from pipeline.editing.spread import written_projections
+    from pipeline.stages.targets_file import read_targets, targets_table
 
     model, tok = model_factory("llama")
     adapter = adapter_for(model)
     spec, hp = get_method("jeep-separate"), HP.replace(iterative=True, max_iterations=2, iteration_epsilon=1e-12)
     reqs = parse_requests(_records())
-    targets = engine_mod.written_projections(spec, hp)
+    targets = written_projections(spec.resolve(hp))
     covs, _ = second_moments(model, tok, adapter, "fp", Corpus.from_file(corpus_path), targets, 32, 0, 8192,
                              "float32", tmp_path, False)
     prefixes = context_prefixes(model, tok, hp)
-    first = run_edit(model, tok, adapter, reqs, prefixes, spec, hp, covs, apply=False)
+    first = drive(model, tok, adapter, reqs, prefixes, spec, hp, covs, Optimise(), apply=False)
     assert len(first.values) == 4  # 2 iterations × 2 passes
     path = tmp_path / "kv.parquet"
     import pyarrow.parquet as pq
 
-    pq.write_table(values_table(first.values, prefixes, hp.layers[-1], {}, {"iterations": first.iterations}), path)
-    stored, meta = read_passes(path)
-    again = run_edit(model, tok, adapter, reqs, meta["prefixes"], spec, hp, covs, apply=False, stored=stored)
+    pq.write_table(targets_table(first.values, prefixes, hp.layers[-1], {}, {"iterations": first.iterations}), path)
+    stored, meta = read_targets(path)
+    again = drive(model, tok, adapter, reqs, meta["prefixes"], spec, hp, covs, Replay(stored), apply=False)
     assert again.iterations == [] and len(again.values) == 4
     for name in first.deltas:
         assert torch.equal(first.deltas[name], again.deltas[name]), name
@@ -355,7 +359,7 @@ def test_neighbour_problem_layout_nap_and_engines(llama, corpus_path, tmp_path):
 
 def test_neighbours_need_counterfact_samples(llama, corpus_path, tmp_path):
     model, tok = llama
-    from pipeline.editing.requests import RequestError
+    from pipeline.requests import RequestError
 
     with pytest.raises(RequestError, match="neighborhood_samples"):
         _edit(model, tok, corpus_path, tmp_path, "pmet", hp=PMET_HP.replace(neighbors=1))
@@ -366,8 +370,10 @@ def test_prediction_sites_agree_between_forward_strategies(model_factory, family
     """δ at the prediction token of a higher layer, with and without the prefix KV cache, and as an
     independent unbatched forward."""
     from pipeline.editing.hooks import add_at, edit_output, hooks
-    from pipeline.editing.methods import ALL_SITES, SITE_ROLES, site_position
-    from pipeline.editing.values import FullForward, PrefixCachedForward
+    from pipeline.editing.forward import FullForward, PrefixCachedForward
+    from pipeline.editing.methods import POSITION_SITES, SITE_ROLES, site_position
+
+    ALL_SITES = POSITION_SITES["subject"] + POSITION_SITES["prediction"]
 
     model, tok = model_factory(family)
     adapter = adapter_for(model)
@@ -379,7 +385,8 @@ def test_prediction_sites_agree_between_forward_strategies(model_factory, family
     active = torch.ones(3, dtype=torch.bool)
     out = {}
     for cls in (FullForward, PrefixCachedForward):
-        fwd = cls(model, adapter, problem, 1, ALL_SITES, tok.pad_token_id, 3)
+        fwd = cls(model, adapter, problem, {s: 1 if site_position(s) == "subject" else 3 for s in ALL_SITES},
+                  tok.pad_token_id)
         with torch.no_grad():
             out[cls] = fwd(deltas, active)
     a, b = out[FullForward], out[PrefixCachedForward]

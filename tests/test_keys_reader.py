@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-import pipeline.editing.engine as engine_mod
+import pipeline.editing.spread as spread_mod
 from conftest import COUNTERFACT_RECORDS
 from pipeline.editing.keys import PromptReader, RequestKeys, read_at_subject
-from pipeline.editing.requests import parse_requests
+from pipeline.requests import parse_requests
 from pipeline.models.adapters import adapter_for
 from test_engine_tiny import HP, _edit
 
@@ -71,7 +71,7 @@ class _FreshKeys(RequestKeys):
 def test_spread_with_resumed_reads_writes_the_same_bits(model_factory, corpus_path, tmp_path, monkeypatch, family, method):
     model, tok = model_factory(family)
     resumed = _edit(model, tok, corpus_path, tmp_path, method, hp=HP)
-    monkeypatch.setattr(engine_mod, "RequestKeys", _FreshKeys)
+    monkeypatch.setattr(spread_mod, "RequestKeys", _FreshKeys)
     fresh = _edit(model, tok, corpus_path, tmp_path, method, hp=HP)
     assert resumed.deltas.keys() == fresh.deltas.keys()
     for name in fresh.deltas:

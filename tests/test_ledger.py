@@ -68,13 +68,14 @@ def test_append_builds_a_verifiable_hash_chain(setup, base):
         # named at add time from the batch's own content (the id also covers parent and fingerprints)
         assert e.dirname == f"{e.seq:04d}-{e.batch.hash12(e.requests)}" and e.batch.parent == (
             got[e.seq - 2].dirname if e.seq > 1 else None)
-        assert sorted(os.listdir(e.path)) == ["batch.yaml", "deltas.safetensors", "dvc.yaml", "entry.json",
+        # committed in-process: no stage file (the pipeline's dvc.yaml is written by `editledger add`)
+        assert sorted(os.listdir(e.path)) == ["batch.yaml", "deltas.safetensors", "entry.json",
                                               "requests.parquet", "state.json"]
         assert entry_id(json.loads((e.path / "entry.json").read_text())) == e.id
         m = e.manifest
         assert m["status"] == "committed" and m["approximate"] is False
         assert set(m["versions"]) >= {"torch", "transformers", "python", "editledger"}
-        assert set(m["files"]) == {"entry.json", "deltas.safetensors", "batch.yaml", "dvc.yaml", "requests.parquet"}
+        assert set(m["files"]) == {"entry.json", "deltas.safetensors", "batch.yaml", "requests.parquet"}
         assert m["fingerprints"]["after"]["params"]["names"] == sorted(PARAMS)
         assert m["metrics"]["efficacy"] == e.seq / 10
     assert got[0].fingerprints["before"]["model"] == fp
@@ -101,7 +102,7 @@ def test_entry_id_is_content_addressed(setup):
         assert entry_id(edit_content(**{**args, **change})) != ref, change
     # EditRequest/HParams objects hash exactly like their plain-dict forms
     from pipeline.editing.hparams import HParams
-    from pipeline.editing.requests import parse_requests
+    from pipeline.requests import parse_requests
 
     hp = HParams(layers=(0, 1))
     objs = edit_content(**{**args, "requests": parse_requests(batch_requests(1)), "hparams": hp})

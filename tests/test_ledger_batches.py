@@ -19,11 +19,12 @@ from typer.testing import CliRunner
 from conftest import COUNTERFACT_RECORDS, make_model, tokenizer
 from pipeline.cli import app
 from pipeline.editing.hparams import HParams
-from pipeline.editing.requests import parse_requests
-from pipeline.editing.values import ValueResult
+from pipeline.requests import parse_requests
+from pipeline.editing.optimise import ValueResult
 from pipeline.ledger import (Batch, BatchError, LedgerLock, PendingDropError, add_drop, add_edit, append, atomic,
                              entries, read_batch, scan)
-from pipeline.ledger.batch import dvc_stages, read_requests, write_batch_dir
+from pipeline.ledger.batch import read_requests, write_batch_dir
+from pipeline.stages.dvcfile import batch_dvc_yaml, batch_stages
 from pipeline.models.loading import LoadedModel, model_fingerprint
 from pipeline.stages.common import Project, StageError
 from pipeline_support import TINY_HPARAMS, make_shared
@@ -43,12 +44,12 @@ def test_batch_yaml_round_trip_name_and_stages():
     # the name depends on what the batch is, not on where it sits
     assert b.hash12(reqs) == edit_batch(1).hash12(reqs) != edit_batch(3, "0002-aaaaaaaaaaaa", method="memit").hash12(reqs)
     assert b.dirname(reqs) == f"0003-{b.hash12(reqs)}" and b.hash12(reqs) != b.hash12(reqs[:1])
-    stages = dvc_stages(b)["stages"]
+    stages = batch_stages(b)["stages"]
     assert list(stages) == ["keys_values", "apply", "evaluate"]
     assert stages["keys_values"]["deps"][0] == "../0002-aaaaaaaaaaaa/state.json"
     assert stages["apply"]["outs"][-1] == "state.json" and "../../data/covariance" in stages["apply"]["deps"]
-    assert not any("state.json" in dep for dep in dvc_stages(edit_batch())["stages"]["keys_values"]["deps"])
-    rev = dvc_stages(Batch(4, "revert", "0003-bbbbbbbbbbbb", target="base"))["stages"]
+    assert not any("state.json" in dep for dep in batch_stages(edit_batch())["stages"]["keys_values"]["deps"])
+    rev = batch_stages(Batch(4, "revert", "0003-bbbbbbbbbbbb", target="base"))["stages"]
     assert list(rev) == ["apply"] and rev["apply"]["deps"] == ["../0003-bbbbbbbbbbbb/state.json", "batch.yaml"]
     for bad, match in [(dict(kind="move"), "kind"), (dict(seq=2, parent=None), "first batch"),
                        (dict(parent="0001-nothex"), "parent"), (dict(engine="slow"), "engine")]:
@@ -72,10 +73,11 @@ def test_batch_directory_appears_whole_or_not_at_all(tmp_path, monkeypatch):
 
     monkeypatch.setattr(atomic, "write_text", fail_on_dvc_yaml)
     with pytest.raises(OSError, match="disk full"):
-        write_batch_dir(tmp_path, edit_batch(), reqs)
+        write_batch_dir(tmp_path, edit_batch(), reqs, batch_dvc_yaml)
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
-    path = write_batch_dir(tmp_path, edit_batch(), reqs)
+    path = write_batch_dir(tmp_path, edit_batch(), reqs, batch_dvc_yaml)
+    assert (path / "dvc.yaml").read_text() == batch_dvc_yaml(edit_batch())
     assert [d.name for d in scan(tmp_path)] == [path.name] and read_batch(path) == edit_batch()
     assert [r.canonical() for r in read_requests(path)] == [r.canonical() for r in reqs]
     assert read_requests(path)[0].record["paraphrase_prompts"]  # the full record travels along
@@ -84,13 +86,13 @@ def test_batch_directory_appears_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def test_keys_values_parquet_round_trip_is_bit_exact(tmp_path):
-    from pipeline.stages.keys_values import read_values, values_table
+    from pipeline.stages.targets_file import read_targets, targets_table
 
     g = torch.Generator().manual_seed(0)
     t = {s: torch.randn(3, 8, generator=g) for s in ("attn", "mlp")}
     vr = ValueResult({s: v * 3 for s, v in t.items()}, t, {s: v * 2 for s, v in t.items()}, torch.tensor([4, 2, 7]))
-    atomic.write_parquet(tmp_path / "kv.parquet", values_table(vr, ["", "The cat. "], 2, {"values_s": 1.5}))
-    back, meta = read_values(tmp_path / "kv.parquet")
+    atomic.write_parquet(tmp_path / "kv.parquet", targets_table([vr], ["", "The cat. "], 2, {"values_s": 1.5}))
+    (back,), meta = read_targets(tmp_path / "kv.parquet")
     assert meta["prefixes"] == ["", "The cat. "] and meta["layer"] == 2 and meta["timings"] == {"values_s": 1.5}
     for name in ("targets", "init", "deltas"):
         for s in ("attn", "mlp"):
@@ -99,7 +101,7 @@ def test_keys_values_parquet_round_trip_is_bit_exact(tmp_path):
 
 
 def test_missing_covariance_is_a_clear_error(tmp_path, corpus_path):
-    from pipeline.stages.apply import cached_covariances
+    from pipeline.stages.covariance import cached_covariances
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"corpus": {"path": str(corpus_path)}}))
     model, tok = make_model("llama"), tokenizer(True)

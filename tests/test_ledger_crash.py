@@ -48,7 +48,7 @@ def test_exception_mid_append_leaves_an_ignored_incomplete_entry(tmp_path, monke
         add(L, model, 2, fp)
     monkeypatch.undo()
     # 2) after the deltas, before state.json (the commit point)
-    inputs = ["batch.yaml", "dvc.yaml", "requests.parquet"]
+    inputs = ["batch.yaml", "requests.parquet"]  # appended in-process: no stage file
     (inc,) = incomplete_entries(L)
     assert inc.startswith("0002-") and sorted(os.listdir(L / inc)) == sorted(inputs + ["entry.json"])
     monkeypatch.setattr(commit, "_write_state", crash)
@@ -157,7 +157,7 @@ def test_kill_9_during_append_loop(tmp_path):
     assert len(chain) == 2
     (interrupted,) = incomplete_entries(L)
     assert interrupted.startswith("0003-")
-    assert sorted(os.listdir(L / interrupted)) == ["batch.yaml", "deltas.safetensors", "dvc.yaml", "entry.json",
+    assert sorted(os.listdir(L / interrupted)) == ["batch.yaml", "deltas.safetensors", "entry.json",
                                                    "requests.parquet"]
 
     # rounds 2, 3: killed at a random moment while readers poll the ledger without the lock

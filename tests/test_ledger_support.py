@@ -11,7 +11,7 @@ import copy
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.editing.engine import apply_deltas
+from pipeline.models.weights import apply_deltas
 from pipeline.ledger import append as store
 
 PARAMS = ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight")

@@ -34,7 +34,7 @@ import yaml
 from pipeline.ledger import active_chain, entries, incomplete_entries, materialize, verify
 from pipeline.models.loading import load_model, model_fingerprint
 from pipeline.stages.summary import ledger_table
-from pipeline.editing.engine import apply_deltas
+from pipeline.models.weights import apply_deltas
 from pipeline.ledger import load_deltas
 from pipeline_support import DVC, RECORDS, cli, dvc, env, git, make_project, ran_stages, requests_file
 

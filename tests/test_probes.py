@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import COUNTERFACT_RECORDS
-from pipeline.editing.tokens import encode_with_subject, target_ids
+from pipeline.tokens import encode_with_subject, target_ids
 from pipeline.models.adapters import adapter_for
 from pipeline.probes.capture import capture_states, logit_lens
 from pipeline.probes.logit_lens import contrast_logit_lens, rank_of

@@ -17,7 +17,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.editing import engine, values
+from pipeline.editing import optimise
+from pipeline.editing.solvers import SOLVERS, Solver
 from pipeline.ledger import LedgerError, active_chain, entries, materialize, verify
 from pipeline.ledger.append import append_edit
 from pipeline.models.loading import load_model, model_fingerprint
@@ -55,13 +56,14 @@ def test_a_non_finite_loss_stops_the_batch_before_anything_is_written(one_batch,
     repo = copy_of(one_batch, "nan-loss")
     ids = [e.id for e in entries(repo / "ledger")]
     d = pending_batch(repo, "b2", RECORDS[2:4])
-    real = values._request_losses
+    real = optimise.request_losses
 
     def nan_losses(*a, **k):
-        loss, *rest = real(*a, **k)
-        return (loss * float("nan"), *rest)
+        terms = real(*a, **k)
+        terms.loss = terms.loss * float("nan")
+        return terms
 
-    monkeypatch.setattr(values, "_request_losses", nan_losses)
+    monkeypatch.setattr(optimise, "request_losses", nan_losses)
     before = tree_digest(repo)
     res = cli(repo, "stage", "keys-values", "--batch", d, code=2)
     # the value-optimisation progress bar may precede it; the error is the last line
@@ -75,8 +77,8 @@ def test_a_non_finite_update_stops_the_batch_before_anything_is_written(one_batc
     ids = [e.id for e in entries(repo / "ledger")]
     d = pending_batch(repo, "b2", RECORDS[2:4])
     cli(repo, "stage", "keys-values", "--batch", d)
-    monkeypatch.setattr(engine, "closed_form_update", lambda keys, resid, *a: torch.full(
-        (resid.shape[1], keys.shape[1]), float("inf")))
+    monkeypatch.setitem(SOLVERS, "closed_form", Solver(lambda system, hp: (torch.full(
+        (system.resid.shape[1], system.keys.shape[1]), float("inf")), {})))
     before = tree_digest(repo)
     res = cli(repo, "stage", "apply", "--batch", d, code=2)
     assert res.stderr.strip().startswith(f"error: {d.name}: non-finite update at layer 1 (mlp_out)")

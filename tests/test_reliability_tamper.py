@@ -29,7 +29,7 @@ from pipeline.editing.hparams import HParams
 from pipeline.ledger import read_batch, scan, verify
 from pipeline.models.loading import load_model
 from pipeline.stages import covariance as covariance_stage
-from pipeline.stages.apply import cached_covariances
+from pipeline.stages.covariance import cached_covariances
 from pipeline.stages.common import Project, base_model, configured_covariances
 from pipeline_support import RECORDS, dvc
 from reliability_support import cli, requests_file, small_ledger

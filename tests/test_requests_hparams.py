@@ -11,7 +11,7 @@ import pytest
 from conftest import COUNTERFACT_RECORDS
 from pipeline.editing.hparams import HParams, HParamsError, load_hparams
 from pipeline.editing.methods import METHODS, MethodError, get_method
-from pipeline.editing.requests import (
+from pipeline.requests import (
     EditRequest,
     RequestError,
     load_requests,
@@ -281,20 +281,29 @@ def test_get_method_unknown_lists_names():
 
 
 def test_method_specs():
-    assert get_method("memit").sites == ("residual",) and get_method("memit").spread == "even"
-    assert get_method("pmet").sites == ("attn", "mlp") and get_method("pmet").spread == "sqrt"
-    assert get_method("pmet").writes == (("mlp_out", "mlp"),)
+    (memit,), (pmet,) = get_method("memit").regions, get_method("pmet").regions
+    assert memit.sites == ("residual",) and memit.spread == "even" and memit.position == "subject"
+    assert pmet.sites == ("attn", "mlp") and pmet.spread == "sqrt"
+    assert pmet.writes == (("mlp_out", "mlp"),)
     assert get_method("pmet-mlp-only").sites == ("mlp",)
-    assert set(get_method("pmet-attn-write").writes) == {("attn_out", "attn"), ("mlp_out", "mlp")}
-    assert get_method("pmet-even").spread == "even"
+    assert set(get_method("pmet-attn-write").regions[0].writes) == {("attn_out", "attn"), ("mlp_out", "mlp")}
+    assert get_method("pmet-even").regions[0].spread == "even"
+    assert [r.name for r in get_method("jeep").regions] == ["low", "high"]
 
 
 def test_method_spec_validation():
-    from pipeline.editing.methods import Method
+    from pipeline.editing.methods import Method, RegionSpec
 
-    with pytest.raises(MethodError, match="unknown site"):
-        Method("x", ("ffn",), (), "even", "pmet", "")
+    def one(sites, writes, spread="even", position="subject"):
+        return Method("x", (RegionSpec("low", position, sites, writes, spread),), "pmet", "")
+
+    with pytest.raises(MethodError, match="cannot optimise"):
+        one(("ffn",), ())
+    with pytest.raises(MethodError, match="cannot optimise"):
+        one(("pred_mlp",), (("mlp_out", "pred_mlp"),))  # a prediction-token site at the subject
     with pytest.raises(MethodError, match="unknown spread"):
-        Method("x", ("mlp",), (("mlp_out", "mlp"),), "linear", "pmet", "")
-    with pytest.raises(MethodError, match="not optimised"):
-        Method("x", ("mlp",), (("attn_out", "attn"),), "even", "pmet", "")
+        one(("mlp",), (("mlp_out", "mlp"),), "linear")
+    with pytest.raises(MethodError, match="cannot write"):
+        one(("mlp",), (("attn_out", "attn"),))
+    with pytest.raises(MethodError, match="writes nothing"):
+        one(("mlp",), ())

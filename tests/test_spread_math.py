@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.editing.spread import closed_form_update, spread_divisor
+from pipeline.editing.solvers import closed_form_update
+from pipeline.editing.spread import spread_divisor
 
 D_IN, D_OUT, N_EDIT, N_SAMPLES = 24, 12, 4, 4000
 

@@ -8,20 +8,15 @@ import pytest
 import torch
 
 from conftest import COUNTERFACT_RECORDS, HIDDEN, make_model, tok_for
-import pipeline.editing.values as values_mod
+import pipeline.editing.forward as forward_mod
 from pipeline.editing.hooks import add_at, edit_output, hooks
 from pipeline.editing.hparams import HParams
 from pipeline.editing.keys import site_values
-from pipeline.editing.methods import SITE_ROLES, SITES
-from pipeline.editing.requests import parse_requests
-from pipeline.editing.values import (
-    FullForward,
-    OptimisationError,
-    PrefixCachedForward,
-    StepOutput,
-    ValueProblem,
-    optimise_values,
-)
+from pipeline.editing.methods import POSITION_SITES, SITE_ROLES, Region, sites_of
+from pipeline.requests import parse_requests
+from pipeline.editing.forward import FullForward, PrefixCachedForward, StepOutput
+from pipeline.editing.optimise import OptimisationError, optimise_values
+from pipeline.editing.problem import ValueProblem
 from pipeline.evaluation.scoring import score_pairs
 from pipeline.models.adapters import adapter_for
 from pipeline.models.attention import GROUPED, attention_implementation
@@ -29,6 +24,7 @@ from pipeline.models.attention import GROUPED, attention_implementation
 PREFIXES = ["", "Some words here. "]
 LAYER = 2
 PMET_SITES = ("attn", "mlp")
+SITES = POSITION_SITES["subject"]  # residual, attn and mlp
 
 
 def _requests(n=3):
@@ -48,7 +44,14 @@ def _hp(**kw):
 def _forward(cls, model, tok, requests, sites, prefixes=PREFIXES):
     adapter = adapter_for(model)
     problem = ValueProblem.build(tok, requests, prefixes)
-    return cls(model, adapter, problem, LAYER, sites, tok.pad_token_id)
+    return cls(model, adapter, problem, {s: LAYER for s in sites}, tok.pad_token_id)
+
+
+def _optimise(forward, names, dims, hp, *args, **kwargs):
+    """optimise_values with the sites ``names`` of one subject region over ``hp.layers``."""
+    region = Region("low", "subject", tuple(names), (), "sqrt", hp.layers, hp.mom2_update_weight, hp.clamp_norm_factor,
+                    hp.v_weight_decay)
+    return optimise_values(forward, sites_of((region,)), dims, hp, *args, **kwargs)
 
 
 def _random_deltas(n, sites, scale=1.0, seed=1):
@@ -106,7 +109,7 @@ def test_value_problem_layout(tok):
 @pytest.fixture(params=[0, 10**9], ids=["bucket-per-length", "one-bucket"])
 def buckets(request, monkeypatch):
     """Run the prefix-cached strategy with suffix-length buckets as fine or as coarse as possible."""
-    monkeypatch.setattr(values_mod, "BUCKET_OVERHEAD_TOKENS", request.param)
+    monkeypatch.setattr(forward_mod, "BUCKET_OVERHEAD_TOKENS", request.param)
     return request.param
 
 
@@ -262,10 +265,10 @@ def test_batched_optimisation_equals_one_request_at_a_time(model_factory, family
     reqs = _requests(3)
     hp = _hp()
     dims = _dims(model, adapter, sites)
-    batched = optimise_values(_forward(PrefixCachedForward, model, tok, reqs, sites), sites, dims, hp)
+    batched = _optimise(_forward(PrefixCachedForward, model, tok, reqs, sites), sites, dims, hp)
     assert batched.steps.tolist() == [hp.v_num_grad_steps] * 3
     for i, r in enumerate(reqs):
-        alone = optimise_values(_forward(FullForward, model, tok, [r], sites), sites, dims, hp)
+        alone = _optimise(_forward(FullForward, model, tok, [r], sites), sites, dims, hp)
         for s in sites:
             assert batched.deltas[s].shape == (3, dims[s])
             torch.testing.assert_close(batched.deltas[s][i], alone.deltas[s][0], atol=1e-3, rtol=1e-3)
@@ -285,9 +288,9 @@ def test_chunked_steps_equal_one_big_batch(llama):
     adapter = adapter_for(model)
     reqs = _requests(4)
     dims = _dims(model, adapter, PMET_SITES)
-    whole = optimise_values(_forward(PrefixCachedForward, model, tok, reqs, PMET_SITES), PMET_SITES, dims,
+    whole = _optimise(_forward(PrefixCachedForward, model, tok, reqs, PMET_SITES), PMET_SITES, dims,
                             _hp(v_batch_requests=4, nll_weight_after_argmax=0.1))
-    chunked = optimise_values(_forward(PrefixCachedForward, model, tok, reqs, PMET_SITES), PMET_SITES, dims,
+    chunked = _optimise(_forward(PrefixCachedForward, model, tok, reqs, PMET_SITES), PMET_SITES, dims,
                               _hp(v_batch_requests=3, nll_weight_after_argmax=0.1))
     assert chunked.steps.tolist() == whole.steps.tolist()
     for s in PMET_SITES:
@@ -302,7 +305,7 @@ def test_first_step_loss_is_the_unedited_nll(llama):
     model, tok = llama
     adapter = adapter_for(model)
     reqs = _requests(3)
-    res = optimise_values(_forward(PrefixCachedForward, model, tok, reqs, PMET_SITES), PMET_SITES,
+    res = _optimise(_forward(PrefixCachedForward, model, tok, reqs, PMET_SITES), PMET_SITES,
                           _dims(model, adapter, PMET_SITES), _hp(v_num_grad_steps=2))
     for i, r in enumerate(reqs):
         row = next(x for x in res.trace if x["request"] == i and x["step"] == 0)
@@ -328,7 +331,7 @@ def test_per_request_early_stopping(llama):
     n_steps = 10
     # no weight decay and a loose clamp: every request's loss decreases step by step
     hp = _hp(v_num_grad_steps=n_steps, v_lr=0.1, v_weight_decay=0.0, clamp_norm_factor=4.0)
-    base = optimise_values(_forward(PrefixCachedForward, model, tok, reqs, sites), sites, dims, hp)
+    base = _optimise(_forward(PrefixCachedForward, model, tok, reqs, sites), sites, dims, hp)
     losses = {i: [row["loss"] for row in base.trace if row["request"] == i] for i in range(3)}
     # a threshold that one request crosses mid-way while another never does
     choice = None
@@ -342,13 +345,13 @@ def test_per_request_early_stopping(llama):
             break
     assert choice is not None, losses
     t, a, b, stop = choice
-    res = optimise_values(_forward(PrefixCachedForward, model, tok, reqs, sites), sites, dims, hp.replace(loss_stop=t))
+    res = _optimise(_forward(PrefixCachedForward, model, tok, reqs, sites), sites, dims, hp.replace(loss_stop=t))
     assert res.steps[a] == stop + 1 < n_steps
     assert res.steps[b] == n_steps
     assert max(row["step"] for row in res.trace if row["request"] == a) == stop
     assert max(row["step"] for row in res.trace if row["request"] == b) == n_steps - 1
     # the stopped request keeps the δ it had when it stopped: = a run of exactly stop+1 forwards
-    short = optimise_values(_forward(PrefixCachedForward, model, tok, reqs, sites), sites, dims,
+    short = _optimise(_forward(PrefixCachedForward, model, tok, reqs, sites), sites, dims,
                             hp.replace(v_num_grad_steps=stop + 1))
     for s in sites:
         torch.testing.assert_close(res.deltas[s][a], short.deltas[s][a], atol=1e-6, rtol=1e-5)
@@ -356,7 +359,7 @@ def test_per_request_early_stopping(llama):
         # the others were not disturbed by the freeze
         torch.testing.assert_close(res.deltas[s][b], base.deltas[s][b], atol=1e-6, rtol=1e-5)
     # and the reference engine (one request alone, full forwards) stops at the same step
-    alone = optimise_values(_forward(FullForward, model, tok, [reqs[a]], sites), sites, dims, hp.replace(loss_stop=t))
+    alone = _optimise(_forward(FullForward, model, tok, [reqs[a]], sites), sites, dims, hp.replace(loss_stop=t))
     assert alone.steps.tolist() == [stop + 1]
 
 
@@ -386,14 +389,14 @@ def test_pmet_rule_stops_at_argmax_when_kl_is_small(llama):
     adapter = adapter_for(model)
     fwd = _forward(PrefixCachedForward, model, tok, _requests(2), PMET_SITES)
     hp = _hp(v_num_grad_steps=4, nll_weight_after_argmax=0.1, kl_stop=1e6)
-    res = optimise_values(_forced_argmax(fwd, 1), PMET_SITES, _dims(model, adapter, PMET_SITES), hp)
+    res = _optimise(_forced_argmax(fwd, 1), PMET_SITES, _dims(model, adapter, PMET_SITES), hp)
     assert res.steps.tolist() == [4, 1]
     assert [x["argmax"] for x in res.trace if x["request"] == 1] == [True]
     assert [x["argmax"] for x in res.trace if x["request"] == 0] == [False] * 4
     assert all(x["nll_weight"] == 1.0 for x in res.trace if x["request"] == 0)
     assert float(res.deltas["mlp"][1].norm()) == 0.0  # stopped before any step
     # without the PMET rule (MEMIT's only) the same forward does not stop
-    res = optimise_values(_forced_argmax(fwd, 1), PMET_SITES, _dims(model, adapter, PMET_SITES), _hp(v_num_grad_steps=4))
+    res = _optimise(_forced_argmax(fwd, 1), PMET_SITES, _dims(model, adapter, PMET_SITES), _hp(v_num_grad_steps=4))
     assert res.steps.tolist() == [4, 4]
 
 
@@ -403,7 +406,7 @@ def test_pmet_rule_lowers_nll_weight_after_argmax(llama):
     adapter = adapter_for(model)
     fwd = _forward(PrefixCachedForward, model, tok, _requests(2), PMET_SITES)
     hp = _hp(v_num_grad_steps=4, nll_weight_after_argmax=0.1, kl_stop=1e-12)
-    res = optimise_values(_forced_argmax(fwd, 1, from_call=1), PMET_SITES, _dims(model, adapter, PMET_SITES), hp)
+    res = _optimise(_forced_argmax(fwd, 1, from_call=1), PMET_SITES, _dims(model, adapter, PMET_SITES), hp)
     rows = [x for x in res.trace if x["request"] == 1]
     assert [x["argmax"] for x in rows] == [False, True, True, True]
     assert [x["nll_weight"] for x in rows] == pytest.approx([1.0, 1.0, 0.1, 0.1])
@@ -414,6 +417,20 @@ def test_pmet_rule_lowers_nll_weight_after_argmax(llama):
     assert all(x["nll_weight"] == 1.0 for x in res.trace if x["request"] == 0)
 
 
+def test_encore_early_stop_waits_for_k_steps_of_argmax_in_a_row(llama):
+    """ENCORE's MPES (argmax_stop_steps = k): a request stops once o* has been the argmax on every
+    rewriting prompt for k consecutive steps, and not before."""
+    model, tok = llama
+    adapter = adapter_for(model)
+    fwd = _forward(PrefixCachedForward, model, tok, _requests(2), PMET_SITES)
+    dims = _dims(model, adapter, PMET_SITES)
+    res = _optimise(_forced_argmax(fwd, 1, from_call=1), PMET_SITES, dims, _hp(v_num_grad_steps=6, argmax_stop_steps=3))
+    assert [x["argmax"] for x in res.trace if x["request"] == 1] == [False, True, True, True]
+    assert res.steps.tolist() == [6, 4]  # argmax at steps 1, 2, 3: stopped after the third
+    off = _optimise(_forced_argmax(fwd, 1, from_call=1), PMET_SITES, dims, _hp(v_num_grad_steps=6))
+    assert off.steps.tolist() == [6, 6]
+
+
 # ------------------------------------------------------------------------------------ (d) clamp
 @pytest.mark.parametrize("sites", [PMET_SITES, ("residual",)])
 def test_clamp_bounds_each_site_by_its_own_norm(llama, sites):
@@ -421,7 +438,7 @@ def test_clamp_bounds_each_site_by_its_own_norm(llama, sites):
     adapter = adapter_for(model)
     reqs = _requests(3)
     factor = 0.01
-    res = optimise_values(_forward(PrefixCachedForward, model, tok, reqs, sites), sites, _dims(model, adapter, sites),
+    res = _optimise(_forward(PrefixCachedForward, model, tok, reqs, sites), sites, _dims(model, adapter, sites),
                           _hp(clamp_norm_factor=factor, v_lr=1.0))
     for s in sites:
         bound = factor * res.init[s].norm(dim=-1)
@@ -443,7 +460,7 @@ def test_zero_site_norm_gives_optimisation_error(llama):
         adapter.weight(model, "mlp_out", LAYER).zero_()
     reqs = _requests(2)
     with pytest.raises(OptimisationError, match="non-finite loss at step 0 for request"):
-        optimise_values(_forward(PrefixCachedForward, model, tok, reqs, ("mlp",)), ("mlp",),
+        _optimise(_forward(PrefixCachedForward, model, tok, reqs, ("mlp",)), ("mlp",),
                         _dims(model, adapter, ("mlp",)), _hp())
 
 
@@ -468,7 +485,7 @@ def test_nan_logits_give_optimisation_error(llama):
 
     poisoned.p, poisoned.device, poisoned.model = fwd.p, fwd.device, model
     with pytest.raises(OptimisationError, match=r"step 2 for request\(s\) \[1\]"):
-        optimise_values(poisoned, PMET_SITES, _dims(model, adapter, PMET_SITES), _hp())
+        _optimise(poisoned, PMET_SITES, _dims(model, adapter, PMET_SITES), _hp())
 
 
 @pytest.mark.parametrize("lengths,overhead,expected", [
@@ -480,5 +497,5 @@ def test_nan_logits_give_optimisation_error(llama):
     ([2, 2, 3, 3, 8], 20, [(0, 5)]),
 ])
 def test_length_buckets(lengths, overhead, expected):
-    got = values_mod.length_buckets(lengths, overhead)
+    got = forward_mod.length_buckets(lengths, overhead)
     assert [(b.start, b.stop) for b in got] == expected

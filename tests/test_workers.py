@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 
-import pipeline.editing.engine as engine_mod
-from pipeline.editing.engine import concat_values, even_slices, value_workers
+import pipeline.editing.targets as targets_mod
+from pipeline.editing.targets import concat_values, even_slices, value_workers
 from pipeline.editing.hparams import HParams, HParamsError
-from pipeline.editing.values import OptimisationError, ValueResult
+from pipeline.editing.optimise import OptimisationError, ValueResult
 from pipeline.editing.workers import WorkerError, fork_map
 import pipeline
-import pipeline.editing.values as values_mod
+import pipeline.editing.optimise as optimise_mod
 from test_engine_tiny import HP, _edit, _records
 
 
@@ -110,13 +110,14 @@ def test_concat_values_keeps_batch_indices():
 def test_a_non_finite_loss_names_batch_indices_from_every_worker(llama, corpus_path, tmp_path, monkeypatch):
     """Each worker optimises a slice; its failing requests are reported by their index in the batch."""
     model, tok = llama
-    real = values_mod._request_losses
+    real = optimise_mod.request_losses
 
     def nan_losses(*a, **k):
-        loss, *rest = real(*a, **k)
-        return (loss * float("nan"), *rest)
+        terms = real(*a, **k)
+        terms.loss = terms.loss * float("nan")
+        return terms
 
-    monkeypatch.setattr(values_mod, "_request_losses", nan_losses)
+    monkeypatch.setattr(optimise_mod, "request_losses", nan_losses)
     with pytest.raises(OptimisationError, match=r"non-finite loss at step 0 for request\(s\) \[0, 1, 2\]"):
         pipeline.edit(model, tok, _records(), method="pmet", hparams=HP.replace(v_workers=2),
                       corpus=corpus_path, cache_dir=tmp_path, progress=False)
@@ -143,8 +144,8 @@ def test_v_workers_out_of_range_is_refused(bad):
 def test_workers_give_the_same_edit_as_one_process(model_factory, corpus_path, tmp_path, monkeypatch, family, method):
     model, tok = model_factory(family)
     calls = []
-    real = engine_mod.fork_map
-    monkeypatch.setattr(engine_mod, "fork_map", lambda fn, items: calls.append(len(items)) or real(fn, items))
+    real = targets_mod.fork_map
+    monkeypatch.setattr(targets_mod, "fork_map", lambda fn, items: calls.append(len(items)) or real(fn, items))
     one = _edit(model, tok, corpus_path, tmp_path, method)
     assert calls == []
     two = _edit(model, tok, corpus_path, tmp_path, method, hp=HP.replace(v_workers=2))
@@ -177,7 +178,7 @@ def test_progress_bar_comes_from_the_calling_process_only(llama, corpus_path, tm
         def update(self, n=1):
             pass
 
-    monkeypatch.setattr(values_mod, "tqdm", Bar)
+    monkeypatch.setattr(optimise_mod, "tqdm", Bar)
     model, tok = llama
     pipeline.edit(model, tok, _records(), method="pmet", hparams=HP.replace(v_workers=workers),
                   corpus=corpus_path, cache_dir=tmp_path, progress=True)

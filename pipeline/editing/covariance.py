@@ -104,12 +104,16 @@ def entry_path(cache_dir: Path, target: tuple[str, int], kid: str) -> Path:
 
 def save_entry(path: Path, key: dict, cov: torch.Tensor) -> None:
     """Atomic write: temp file, fsync, rename."""
+    _save(path, key, {"cov": cov})
+
+
+def _save(path: Path, key: dict, tensors: dict[str, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"key": json.dumps(key, sort_keys=True), "sha256": tensor_sha256(cov)}
+    meta = {"key": json.dumps(key, sort_keys=True), "sha256": _sha(tensors)}
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     os.close(fd)
     try:
-        save_file({"cov": cov.contiguous()}, tmp, metadata=meta)
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -120,17 +124,48 @@ def save_entry(path: Path, key: dict, cov: torch.Tensor) -> None:
 
 def load_entry(path: Path, key: dict) -> torch.Tensor:
     """Read a cache entry, checking that it is for ``key`` and that its bytes are intact."""
+    return _load(path, key)["cov"]
+
+
+def _sha(tensors: dict[str, torch.Tensor]) -> str:
+    """A covariance entry's hash is its tensor's (the format of the entries written so far)."""
+    if list(tensors) == ["cov"]:
+        return tensor_sha256(tensors["cov"])
+    return hashlib.sha256("".join(f"{k}:{tensor_sha256(t)}" for k, t in sorted(tensors.items())).encode()).hexdigest()
+
+
+def _load(path: Path, key: dict) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            cov = f.get_tensor("cov")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # truncated / corrupt file: safetensors raises several types
         raise CovarianceCacheError(f"covariance cache entry {path} is unreadable ({exc}); delete it to recompute") from exc
     if meta.get("key") != json.dumps(key, sort_keys=True):
         raise CovarianceCacheError(f"covariance cache entry {path} was computed for a different key; delete it to recompute")
-    if meta.get("sha256") != tensor_sha256(cov):
+    if meta.get("sha256") != _sha(tensors):
         raise CovarianceCacheError(f"covariance cache entry {path} fails its content hash (corrupted or tampered); delete it to recompute")
-    return cov
+    return tensors
+
+
+def spectra(covs: dict[tuple[str, int], torch.Tensor], ids: dict[tuple[str, int], str],
+            cache_dir: Path | None) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+    """The eigen-decomposition (float64, eigenvalues ascending) of each covariance, for update rules
+    that use its spectrum (the null-space projector).  A function of the covariance alone, so it is
+    cached beside it under the covariance's own id (about a second per 1536² matrix saved per batch)."""
+    out = {}
+    for t, cov in covs.items():
+        key = {"format": CACHE_FORMAT, "statistic": "eigh of the second moment, float64", "covariance": ids[t]}
+        path = Path(cache_dir) / f"{t[0]}-{t[1]}" / f"{ids[t]}.eigh.safetensors" if cache_dir else None
+        if path is not None and path.exists():
+            e = _load(path, key)
+        else:
+            values, vectors = torch.linalg.eigh(cov.double())
+            e = {"values": values, "vectors": vectors}
+            if path is not None:
+                _save(path, key, e)
+        out[t] = (e["values"], e["vectors"])
+    return out
 
 
 @torch.no_grad()

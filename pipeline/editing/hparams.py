@@ -3,6 +3,15 @@
 Per-model settings live in ``pipeline/hparams/<model>.yaml`` (data, not code) with a ``defaults``
 section and one section per method; ``params.yaml`` names the file and may override fields.
 Every value is range-checked here so that a bad setting fails before any model work.
+
+The *canonical form* (:meth:`HParams.to_dict`) is what a ledger batch records and hashes into its
+entry id, so it must not depend on which fields the code happens to have.  Form 1, the only one so
+far: the fields of :data:`ALWAYS_WRITTEN` (frozen: what the form held when it was fixed) are always
+written; every other field is written only when it differs from its default.  A field added later
+therefore never appears in the canonical form of a setting that leaves it at its default, and
+adding a field with a default never changes the id of an existing entry.  A field's default may
+never change (it would change what an old entry means); and a future form that needs other rules
+must mark itself in the dict it writes.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.editing.solvers import SOLVERS
 from pipeline.models.attention import ATTENTION_CHOICES
 
 HPARAMS_DIR = Path(__file__).resolve().parent.parent / "hparams"
@@ -76,6 +86,20 @@ class HParams:
     neighbors: int = 0  # neighbour prompts per request in the value loss (0 = off)
     neighbor_prefixes: bool = False  # NAP: the neighbour prompts get the context prefixes too
     neighbor_weight: float = 1.0  # weight of the neighbour NLL term
+    # --- the update rule of every written layer (pipeline/editing/solvers.py) and what it reads
+    solver: str = "closed_form"
+    norm_weight: float = 0.0  # ENCORE's λₙ: λₙI in the closed form's normal matrix (0 = off)
+    null_space_share: float = 0.5  # null_space: share of C's eigenvectors (smallest eigenvalues) P keeps
+    null_space_alpha: float = 1.0  # null_space: α of the αI term
+    # --- norm control of the targets (any method)
+    # ENCORE's most-probable early stopping: a request stops once o* has been the argmax on every
+    # rewriting prompt for this many steps in a row (0 = off)
+    argmax_stop_steps: int = 0
+    # NAS: each optimised target is rescaled to the norm of the unedited model's value at its site
+    # for the same prompt; with norm_anchor_skip, a request whose target norm exceeds that many times
+    # the anchor is not written (its target is its current value)
+    norm_anchor: bool = False
+    norm_anchor_skip: float | None = None
 
     def __post_init__(self):
         self.validate()
@@ -114,7 +138,31 @@ class HParams:
                 raise HParamsError(f"{name} must be one of {', '.join(COMPUTE_DTYPES)}, got {getattr(self, name)!r}")
         if self.v_attention not in ATTENTION_CHOICES:
             raise HParamsError(f"v_attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.v_attention!r}")
+        if self.solver not in SOLVERS:
+            raise HParamsError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if not _finite(self.norm_weight) or self.norm_weight < 0:
+            raise HParamsError(f"norm_weight must be a finite number ≥ 0, got {self.norm_weight!r}")
+        if not _finite(self.null_space_share) or not 0 < self.null_space_share <= 1:
+            raise HParamsError(f"null_space_share must be in (0, 1], got {self.null_space_share!r}")
+        if not _finite(self.null_space_alpha) or self.null_space_alpha <= 0:
+            raise HParamsError(f"null_space_alpha must be a finite number > 0, got {self.null_space_alpha!r}")
+        if not isinstance(self.argmax_stop_steps, int) or isinstance(self.argmax_stop_steps, bool) or self.argmax_stop_steps < 0:
+            raise HParamsError(f"argmax_stop_steps must be an integer ≥ 0 (0 = off), got {self.argmax_stop_steps!r}")
+        if not isinstance(self.norm_anchor, bool):
+            raise HParamsError(f"norm_anchor must be true or false, got {self.norm_anchor!r}")
+        if self.norm_anchor_skip is not None and (not _finite(self.norm_anchor_skip) or self.norm_anchor_skip <= 1):
+            raise HParamsError(f"norm_anchor_skip must be a number > 1 or null, got {self.norm_anchor_skip!r}")
+        if self.norm_anchor_skip is not None and not self.norm_anchor:
+            raise HParamsError("norm_anchor_skip needs norm_anchor: true")
         self._validate_extensions()
+
+    def region_settings(self, name: str) -> dict[str, Any]:
+        """Layers, λ, clamp and weight decay of region ``name`` (a method's region reads the group
+        of fields :data:`REGION_FIELDS` names; a λ left at ``None`` is the low region's)."""
+        f = REGION_FIELDS[name]
+        lam = getattr(self, f.mom2_update_weight)
+        return {"layers": getattr(self, f.layers), "mom2_update_weight": self.mom2_update_weight if lam is None else lam,
+                "clamp_norm_factor": getattr(self, f.clamp_norm_factor), "weight_decay": getattr(self, f.weight_decay)}
 
     def _validate_extensions(self) -> None:
         """JEEP's high region and the iterative / neighbour-assisted modifiers."""
@@ -154,10 +202,15 @@ class HParams:
 
     @property
     def modifier_label(self) -> str:
-        """``'+iterative+na1'`` / ``'+nap2'`` / ``''``: how ``log`` and the tables name a batch's modifiers."""
+        """``'+iterative+na1'`` / ``'+nap2'`` / ``'+ns+nas'`` / ``''``: how ``log`` and the tables name a
+        batch's modifiers and norm controls (``ns`` null space, ``nc`` ENCORE's norm term, ``mpes``
+        its early stop, ``nas`` norm anchoring)."""
         label = "+iterative" if self.iterative else ""
         if self.neighbors:
             label += f"+{'nap' if self.neighbor_prefixes else 'na'}{self.neighbors}"
+        for on, name in ((self.solver == "null_space", "ns"), (self.norm_weight > 0, "nc"),
+                         (self.argmax_stop_steps > 0, "mpes"), (self.norm_anchor, "nas")):
+            label += f"+{name}" if on else ""
         return label
 
     @classmethod
@@ -178,15 +231,11 @@ class HParams:
             raise HParamsError(str(exc)) from exc
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict; the extension fields are left out while at their defaults, so batches of
-        methods and settings that existed before them keep their content hashes (and directory
-        names).  Any switched-on modifier or JEEP setting is present, hence hashed."""
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        d["context_starters"] = list(self.context_starters)
-        d["high_layers"] = list(self.high_layers)
+        """The canonical form (see the module docstring): plain JSON-able values, the fields of
+        :data:`ALWAYS_WRITTEN`, and every other field that is not at its default."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         for f in fields(self):
-            if f.name in _EXTENSIONS and d[f.name] == (list(f.default) if isinstance(f.default, tuple) else f.default):
+            if f.name not in ALWAYS_WRITTEN and d[f.name] == _plain(f.default):
                 del d[f.name]
         return d
 
@@ -194,8 +243,33 @@ class HParams:
         return HParams.from_dict({**self.to_dict(), **changes})
 
 
-_EXTENSIONS = ("high_layers", "high_clamp_norm_factor", "high_v_weight_decay", "high_mom2_update_weight", "iterative",
-               "max_iterations", "iteration_epsilon", "neighbors", "neighbor_prefixes", "neighbor_weight")
+# Canonical form 1: the fields always written.  Frozen — a new field is never added here (it is
+# written only when not at its default); tests/test_requests_hparams.py pins the form.
+ALWAYS_WRITTEN = ("layers", "mom2_update_weight", "clamp_norm_factor", "v_num_grad_steps", "v_batch_requests", "v_lr",
+                  "v_weight_decay", "kl_factor", "nll_weight", "nll_weight_after_argmax", "kl_stop", "loss_stop",
+                  "context_starters", "context_length", "context_seed", "cov_max_texts", "cov_max_length",
+                  "cov_batch_tokens", "v_dtype", "cov_dtype", "v_attention", "v_workers")
+
+
+@dataclass(frozen=True)
+class RegionFields:
+    """The names of the fields that set one region of a method (:mod:`pipeline.editing.methods`)."""
+
+    layers: str
+    mom2_update_weight: str
+    clamp_norm_factor: str
+    weight_decay: str
+
+
+REGION_FIELDS = {
+    "low": RegionFields("layers", "mom2_update_weight", "clamp_norm_factor", "v_weight_decay"),
+    # JEEP's high region (probability promotion): γ*, β* and its own λ (None: the low region's)
+    "high": RegionFields("high_layers", "high_mom2_update_weight", "high_clamp_norm_factor", "high_v_weight_decay"),
+}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _finite(v) -> bool:

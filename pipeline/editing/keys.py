@@ -13,8 +13,8 @@ import torch
 
 from pipeline.editing.hooks import hooks, record_input, record_output, run_truncated, start_at, stop_after
 from pipeline.editing.methods import SITE_ROLES, site_position
-from pipeline.editing.requests import EditRequest
-from pipeline.editing.tokens import encode_with_subject, pad_right
+from pipeline.requests import EditRequest
+from pipeline.tokens import encode_with_subject, pad_right
 from pipeline.models.adapters import Adapter
 
 READ_BATCH = 64

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.editing.requests import EditRequest, RequestError
+from pipeline.requests import EditRequest, RequestError
 from pipeline.evaluation.scoring import score_pairs
 
 

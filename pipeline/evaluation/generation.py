@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from pipeline.editing.tokens import encode_prompt
+from pipeline.tokens import encode_prompt
 from pipeline.models.adapters import adapter_for
 
 
@@ -85,7 +85,7 @@ def _generate_batch(model, tok, prompts: list[list[int]], gens: list[torch.Gener
             break
         mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
         pos = pos[:, -1:] + 1
-        out = backbone(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+        out = backbone(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=out.cache,
                        use_cache=True)
     return new
 

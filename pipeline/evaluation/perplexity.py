@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.editing.tokens import pad_right
+from pipeline.tokens import pad_right
 from pipeline.models.adapters import adapter_for
 
 

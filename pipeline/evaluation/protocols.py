@@ -19,7 +19,7 @@ import statistics
 
 import pandas as pd
 
-from pipeline.editing.requests import EditRequest
+from pipeline.requests import EditRequest
 from pipeline.evaluation.scoring import score_pairs
 
 

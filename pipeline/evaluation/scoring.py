@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.editing.tokens import encode_prompt, pad_right, target_ids
+from pipeline.tokens import encode_prompt, pad_right, target_ids
 from pipeline.models.adapters import adapter_for
 
 SCORE_BATCH = 64

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from pipeline.editing.requests import EditRequest
+from pipeline.requests import EditRequest
 from pipeline.evaluation.consistency import Tfidf
 from pipeline.evaluation.fluency import fluency, ngram_entropy
 from pipeline.evaluation.generation import DecodingSettings, generate

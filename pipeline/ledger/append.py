@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from pipeline.editing.requests import EditRequest, parse_requests
-from pipeline.ledger.batch import Batch, read_batch, read_requests, write_batch_dir
+from pipeline.requests import EditRequest, parse_requests
+from pipeline.ledger.batch import Batch, StageFile, read_batch, read_requests, write_batch_dir
 from pipeline.ledger.chain import EMPTY, ChainState, PendingDrop, exact_drop_plan, is_prefix, who_removed
 from pipeline.ledger.commit import check_deltas, commit_drop, commit_edit, commit_revert
 from pipeline.ledger.entry import BASE, DROP_MODES, Entry
@@ -87,13 +87,13 @@ def _next(dirs: list[EntryDir]) -> tuple[int, str | None]:
     return len(dirs) + 1, dirs[-1].name if dirs else None
 
 
-def _write_reapplication(ledger: Path, dirs: list[EntryDir], original_dir: str) -> Path:
+def _write_reapplication(ledger: Path, dirs: list[EntryDir], original_dir: str, stage_file: StageFile | None) -> Path:
     orig = Path(ledger) / original_dir
     src = read_batch(orig)
     seq, parent = _next(dirs)
     batch = Batch(seq, "edit", parent, method=src.method, engine=src.engine, seed=src.seed, hparams=src.hparams,
                   reapplies=original_dir)
-    path = write_batch_dir(ledger, batch, read_requests(orig))
+    path = write_batch_dir(ledger, batch, read_requests(orig), stage_file)
     dirs.append(EntryDir(path.name, path, seq, path.name.split("-", 1)[1]))
     return path
 
@@ -101,8 +101,10 @@ def _write_reapplication(ledger: Path, dirs: list[EntryDir], original_dir: str) 
 # ------------------------------------------------------------------------------------- add-time
 
 def add_edit(ledger_dir: str | Path, requests: Iterable[Any], method: str, hparams: Mapping[str, Any] | Any, *,
-             engine: str = "fast", seed: int = 0) -> Path:
-    """Write the next batch directory for ``requests`` edited with ``method``; return its path."""
+             engine: str = "fast", seed: int = 0, stage_file: StageFile | None = None) -> Path:
+    """Write the next batch directory for ``requests`` edited with ``method``; return its path.
+    ``stage_file``: how the pipeline computes a batch (its ``dvc.yaml``), for this and every batch
+    a call writes."""
     ledger = Path(ledger_dir)
     reqs = _as_requests(requests)
     with LedgerLock(ledger):
@@ -113,7 +115,7 @@ def add_edit(ledger_dir: str | Path, requests: Iterable[Any], method: str, hpara
                                    "re-application batches were written; run `editledger drop` on it again")
         seq, parent = _next(dirs)
         batch = Batch(seq, "edit", parent, method=method, engine=engine, seed=seed, hparams=_hparams_dict(hparams))
-        return write_batch_dir(ledger, batch, reqs)
+        return write_batch_dir(ledger, batch, reqs, stage_file)
 
 
 def plan_revert(chain: list[Entry], states: list[ChainState], target: str,
@@ -135,7 +137,7 @@ def plan_revert(chain: list[Entry], states: list[ChainState], target: str,
     return t
 
 
-def add_revert(ledger_dir: str | Path, target: str) -> Path:
+def add_revert(ledger_dir: str | Path, target: str, stage_file: StageFile | None = None) -> Path:
     """Write a revert batch: the active state becomes the state right after ``target`` (or ``'base'``).
 
     Only states in the active history can be reverted to; :class:`AlreadyRevertedError` when that
@@ -143,14 +145,15 @@ def add_revert(ledger_dir: str | Path, target: str) -> Path:
     """
     ledger = Path(ledger_dir)
     with LedgerLock(ledger):
-        return _add_revert(ledger, target)
+        return _add_revert(ledger, target, stage_file)
 
 
-def _add_revert(ledger: Path, target: str) -> Path:
+def _add_revert(ledger: Path, target: str, stage_file: StageFile | None) -> Path:
     dirs, chain, states = _committed(ledger, "revert")
     t = plan_revert(chain, states, target, incomplete_entries(ledger))
     seq, parent = _next(dirs)
-    return write_batch_dir(ledger, Batch(seq, "revert", parent, target=BASE if t == BASE else t.dirname))
+    return write_batch_dir(ledger, Batch(seq, "revert", parent, target=BASE if t == BASE else t.dirname),
+                           stage_file=stage_file)
 
 
 def plan_drop(chain: list[Entry], states: list[ChainState], target: str, mode: str,
@@ -174,14 +177,14 @@ def plan_drop(chain: list[Entry], states: list[ChainState], target: str, mode: s
     return t, (exact_drop_plan(cur, t.id)[1] if mode == "exact" else ())
 
 
-def add_drop(ledger_dir: str | Path, target: str, mode: str = "exact") -> list[Path]:
+def add_drop(ledger_dir: str | Path, target: str, mode: str = "exact", stage_file: StageFile | None = None) -> list[Path]:
     """Write a drop batch (and, exact mode, one re-application batch per later active batch)."""
     ledger = Path(ledger_dir)
     with LedgerLock(ledger):
-        return _add_drop(ledger, target, mode)
+        return _add_drop(ledger, target, mode, stage_file)
 
 
-def _add_drop(ledger: Path, target: str, mode: str) -> list[Path]:
+def _add_drop(ledger: Path, target: str, mode: str, stage_file: StageFile | None) -> list[Path]:
     dirs = scan(ledger, missing_ok=True)
     unfinished = _unfinished_drop(dirs)
     if unfinished:
@@ -190,15 +193,16 @@ def _add_drop(ledger: Path, target: str, mode: str) -> list[Path]:
         if mode != "exact" or t.dirname != drop.target:
             raise PendingDropError(f"the exact drop of {drop.target} was interrupted while its re-application "
                                    "batches were written; run the same drop again to finish it")
-        return [_write_reapplication(ledger, dirs, d) for d in rest]
+        return [_write_reapplication(ledger, dirs, d, stage_file) for d in rest]
     dirs, chain, states = _committed(ledger, "drop")
     t, plan = plan_drop(chain, states, target, mode, incomplete_entries(ledger))
     by_id = {e.id: e for e in chain}
     originals = [by_id[i].dirname for i in plan]
     seq, parent = _next(dirs)
-    path = write_batch_dir(ledger, Batch(seq, "drop", parent, target=t.dirname, mode=mode, reapply=tuple(originals)))
+    path = write_batch_dir(ledger, Batch(seq, "drop", parent, target=t.dirname, mode=mode, reapply=tuple(originals)),
+                           stage_file=stage_file)
     dirs.append(EntryDir(path.name, path, seq, path.name.split("-", 1)[1]))
-    return [path] + [_write_reapplication(ledger, dirs, d) for d in originals]
+    return [path] + [_write_reapplication(ledger, dirs, d, stage_file) for d in originals]
 
 
 # -------------------------------------------------------------------------------- one-call API
@@ -207,7 +211,8 @@ def append_edit(ledger_dir: str | Path, base_fingerprint: str, requests: Iterabl
                 hparams: Mapping[str, Any] | Any, covariance_ids: Mapping[str, str] | None,
                 deltas: Mapping[str, torch.Tensor], metrics: Mapping[str, Any] | None = None, *,
                 model: nn.Module, timings: Mapping[str, float] | None = None, apply: bool = True,
-                engine: str = "fast", seed: int = 0) -> Entry:
+                engine: str = "fast", seed: int = 0, stage_file: StageFile | None = None,
+                keys: Mapping[str, torch.Tensor] | None = None) -> Entry:
     """Add and commit a batch whose ``deltas`` were computed on ``model`` in the current state.
 
     ``model`` must be in the ledger's active state (checked by fingerprint) and is left edited
@@ -237,16 +242,17 @@ def append_edit(ledger_dir: str | Path, base_fingerprint: str, requests: Iterabl
         if model_fingerprint(model) != current:
             raise StateMismatchError("the model is not in the ledger's active state (its fingerprint differs from "
                                      "the last entry's 'after' fingerprint); materialize the current state first")
-        path = dirs[-1].path if retry else write_batch_dir(ledger, batch, reqs)
+        path = dirs[-1].path if retry else write_batch_dir(ledger, batch, reqs, stage_file)
         return commit_edit(path, base_fingerprint=base_fingerprint, covariance_ids=covariance_ids, deltas=deltas,
-                           model=model, timings=timings, metrics=metrics, apply=apply)
+                           model=model, timings=timings, metrics=metrics, apply=apply, keys=keys)
 
 
-def append_revert(ledger_dir: str | Path, target: str, *, metrics: Mapping[str, Any] | None = None) -> Entry:
+def append_revert(ledger_dir: str | Path, target: str, *, metrics: Mapping[str, Any] | None = None,
+                  stage_file: StageFile | None = None) -> Entry:
     """Add and commit a revert (no model needed: the target state's fingerprints are recorded)."""
     ledger = Path(ledger_dir)
     with LedgerLock(ledger):
-        return commit_revert(_add_revert(ledger, target), metrics=metrics)
+        return commit_revert(_add_revert(ledger, target, stage_file), metrics=metrics)
 
 
 @dataclass
@@ -257,17 +263,17 @@ class DropResult:
     model: nn.Module
 
 
-def _unpack(result: Any) -> tuple[Mapping[str, torch.Tensor], Mapping[str, str] | None, dict, Any]:
+def _unpack(result: Any) -> tuple[Mapping[str, torch.Tensor], Mapping[str, str] | None, dict, Any, Any]:
     if isinstance(result, Mapping):
-        return result, None, {}, None
+        return result, None, {}, None, None
     if not hasattr(result, "deltas"):
         raise LedgerError("the reapply callback must return a dict of deltas or an object with .deltas (EditResult)")
     return (result.deltas, getattr(result, "covariance_ids", None), dict(getattr(result, "timings", None) or {}),
-            getattr(result, "metrics", None))
+            getattr(result, "metrics", None), getattr(result, "keys", None))
 
 
 def append_drop(ledger_dir: str | Path, target: str, mode: str = "exact", *, base_model: nn.Module,
-                reapply: Reapply | None = None, inplace: bool = False) -> DropResult:
+                reapply: Reapply | None = None, inplace: bool = False, stage_file: StageFile | None = None) -> DropResult:
     """Add and commit a drop of batch ``target`` (and, exact mode, its re-applications).
 
     ``reapply(original_entry, model) -> deltas | EditResult`` recomputes a later batch on ``model``,
@@ -308,17 +314,17 @@ def append_drop(ledger_dir: str | Path, target: str, mode: str = "exact", *, bas
             materialize(ledger, None, model, inplace=True)
             todo = [d.path for d in dirs[len(chain):]]
         else:
-            drop_dir, *todo = _add_drop(ledger, target, mode)
+            drop_dir, *todo = _add_drop(ledger, target, mode, stage_file)
             entry, model = commit_drop(drop_dir, model, inplace=True)
             new.append(entry)
         by_dir = {e.dirname: e for e in chain}
         for path in todo:
             original = by_dir[read_batch(path).reapplies]
             t0 = time.perf_counter()
-            deltas, cov_ids, timings, metrics = _unpack(reapply(original, model))
+            deltas, cov_ids, timings, metrics, keys = _unpack(reapply(original, model))
             entry = commit_edit(path, base_fingerprint=base_fp,
                                 covariance_ids=cov_ids if cov_ids is not None else original.covariance_ids,
-                                deltas=deltas, model=model, metrics=metrics, apply=True,
+                                deltas=deltas, model=model, metrics=metrics, apply=True, keys=keys,
                                 timings={**timings, "reapply_s": time.perf_counter() - t0})
             by_dir[entry.dirname] = entry
             new.append(entry)

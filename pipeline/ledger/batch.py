@@ -1,4 +1,4 @@
-"""A batch directory's add-time inputs: ``batch.yaml``, ``requests.parquet`` and ``dvc.yaml``.
+"""A batch directory's add-time inputs: ``batch.yaml``, ``requests.parquet`` and its stage file.
 
 ``batch.yaml`` says *what* the entry is, in terms known before any computation: its sequence
 number, its parent *directory*, its kind, and for an edit the method, the fully resolved
@@ -9,6 +9,10 @@ References between batches are directory names, not entry ids, so that a changed
 
 ``requests.parquet`` keeps each request's full source record (as JSON) next to its canonical
 fields, because evaluation needs the paraphrase and neighbourhood prompts.
+
+The stage file (``dvc.yaml``: how the pipeline computes the batch) is the caller's: the ledger
+stores it like the other inputs but does not know what the stages are (``stage_file`` of the
+writing functions; :func:`pipeline.stages.dvcfile.batch_dvc_yaml` is the pipeline's).
 
 The directory is created atomically: everything is written and fsync'ed in a temporary directory
 inside the ledger, which is then renamed into place.  A crash leaves at most an ignored
@@ -23,18 +27,17 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import yaml
 
-from pipeline.editing.requests import EditRequest, parse_requests
+from pipeline.requests import EditRequest, parse_requests
 from pipeline.ledger import atomic
 from pipeline.ledger.entry import BASE, DROP_MODES, KINDS
 from pipeline.ledger.errors import LedgerError
 from pipeline.ledger.faults import fault_point
-from pipeline.ledger.layout import (BATCH_FILE, DELTAS_FILE, DIR_RE, DVC_FILE, ENTRY_FILE, EVAL_FILE, KV_FILE,
-                                    METRICS_FILE, REQUESTS_FILE, STATE_FILE, TMP_PREFIX, TRACE_FILE, dirname)
+from pipeline.ledger.layout import BATCH_FILE, DIR_RE, DVC_FILE, REQUESTS_FILE, TMP_PREFIX, dirname
 
 _KIND_FIELDS = {
     "edit": ("method", "engine", "seed", "hparams", "reapplies"),
@@ -49,6 +52,9 @@ _HEADER = {
 }
 _FOOTER = ("# Written by editledger; the ledger never rewrites it.  Editing it by hand makes a different\n"
            "# history: `dvc repro -P` then recomputes this batch and every later one (docs/LEDGER.md).\n")
+
+
+StageFile = Callable[["Batch"], str]  # the text of a batch's stage file (dvc.yaml), from its batch.yaml
 
 
 class BatchError(LedgerError):
@@ -208,67 +214,12 @@ def read_requests(batch_dir: str | Path) -> list[EditRequest]:
     return requests
 
 
-# ---------------------------------------------------------------------------------------- dvc.yaml
-
-# data the evaluate stage reads (outputs of the root data stage): ME-PPL-50, and the WikiText sample
-# on which the consistency metric's IDF is fitted
-EVAL_DATA = ("../../data/me_ppl_50.parquet", "../../data/wikitext/wikitext2_raw_test.txt")
-
-
-def dvc_stages(batch: Batch) -> dict:
-    """The stages of one batch.  Paths are relative to the batch directory (DVC's working dir).
-
-    Each batch depends only on its parent's ``state.json`` (which pins the parent's entry id and
-    weights, hence the whole history before it), so a change anywhere reruns exactly the batches
-    from there on.  The base model enters through ``data/model.json`` (its fingerprint).
-    """
-    parent_state = f"../{batch.parent}/{STATE_FILE}" if batch.parent else None
-    model = "../../data/model.json"
-    upstream = [parent_state] if parent_state else []
-    if batch.kind != "edit":
-        deps = [*upstream, BATCH_FILE] + ([] if batch.kind == "revert" else [model])
-        return {"stages": {"apply": {"cmd": "editledger stage apply --batch .", "deps": deps,
-                                     "outs": [ENTRY_FILE, STATE_FILE]}}}
-    # iterative editing and separate optimisation run spreads inside keys_values: it reads the covariances
-    kv_deps = [*upstream, model, BATCH_FILE, REQUESTS_FILE] + ([COVARIANCE_DIR] if _interleaved(batch) else [])
-    return {"stages": {
-        "keys_values": {"cmd": "editledger stage keys-values --batch .", "deps": kv_deps, "outs": [KV_FILE, TRACE_FILE]},
-        "apply": {"cmd": "editledger stage apply --batch .",
-                  "deps": [*upstream, model, BATCH_FILE, REQUESTS_FILE, KV_FILE, "../../data/covariance",
-                           "../../data/me_ppl_50.parquet"],  # the collapse guard's texts
-                  "params": [{"../../params.yaml": ["guard"]}],  # its threshold decides what is applied
-                  "outs": [ENTRY_FILE, DELTAS_FILE, STATE_FILE]},
-        # the evaluation also reads the earlier active batches' requests (retention), pinned by
-        # state.json through the chain of entry ids, and its settings in the root params.yaml
-        "evaluate": {"cmd": "editledger stage evaluate --batch .",
-                     # neighbour-assisted batches: evaluate reads which neighbours were used for editing
-                     "deps": [STATE_FILE, model, REQUESTS_FILE, *EVAL_DATA]
-                             + ([KV_FILE] if (batch.hparams or {}).get("neighbors") else []),
-                     "params": [{"../../params.yaml": ["evaluation"]}], "outs": [EVAL_FILE],
-                     "metrics": [{METRICS_FILE: {"cache": False}}]},
-    }}
-
-
-def _interleaved(batch: Batch) -> bool:
-    """Does the batch's keys_values stage also spread (iterative editing, separate optimisation)?"""
-    from pipeline.editing.methods import METHODS
-
-    spec = METHODS.get(batch.method)
-    return bool((batch.hparams or {}).get("iterative")) or (spec is not None and not spec.joint)
-
-
-COVARIANCE_DIR = "../../data/covariance"
-
-
-def dvc_yaml(batch: Batch) -> str:
-    return ("# Written by `editledger` for this batch; `dvc repro -P` runs it (see docs/LEDGER.md).\n"
-            + yaml.safe_dump(dvc_stages(batch), sort_keys=False, default_flow_style=False))
-
-
 # ---------------------------------------------------------------------------------------- writing
 
-def write_batch_dir(ledger_dir: str | Path, batch: Batch, requests: Sequence[EditRequest] | None = None) -> Path:
-    """Create ``ledger/<seq>-<hash12>/`` with its inputs, atomically.  The caller holds the lock."""
+def write_batch_dir(ledger_dir: str | Path, batch: Batch, requests: Sequence[EditRequest] | None = None,
+                    stage_file: StageFile | None = None) -> Path:
+    """Create ``ledger/<seq>-<hash12>/`` with its inputs, atomically (with ``stage_file``'s text as
+    ``dvc.yaml``; without it, a batch committed in-process has none).  The caller holds the lock."""
     if (batch.kind == "edit") != (requests is not None):
         raise BatchError("an edit batch needs its requests; revert/drop batches have none")
     ledger = Path(ledger_dir)
@@ -284,7 +235,8 @@ def write_batch_dir(ledger_dir: str | Path, batch: Batch, requests: Sequence[Edi
         atomic.write_text(tmp / BATCH_FILE, batch.to_yaml())
         if requests is not None:
             atomic.write_parquet(tmp / REQUESTS_FILE, requests_frame(requests))
-        atomic.write_text(tmp / DVC_FILE, dvc_yaml(batch))
+        if stage_file is not None:
+            atomic.write_text(tmp / DVC_FILE, stage_file(batch))
         atomic.fsync_dir(tmp)
         fault_point("batch:before-rename")
         os.rename(tmp, final)
@@ -308,5 +260,5 @@ def remove_abandoned_tmp_dirs(ledger_dir: str | Path) -> list[str]:
     return removed
 
 
-__all__ = ["Batch", "BatchError", "dvc_stages", "dvc_yaml", "read_batch", "read_requests", "remove_abandoned_tmp_dirs",
+__all__ = ["Batch", "BatchError", "StageFile", "read_batch", "read_requests", "remove_abandoned_tmp_dirs",
            "requests_frame", "write_batch_dir"]

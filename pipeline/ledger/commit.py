@@ -1,7 +1,7 @@
 """Committing an entry: what the ``apply`` stage writes into a batch directory, and in which order.
 
 ``entry.json`` (the hashed content, with ids resolved from the directory references in
-``batch.yaml``), then ``deltas.safetensors`` (edits), then ``state.json``, each atomically (temp
+``batch.yaml``), then ``keys.safetensors`` and ``deltas.safetensors`` (edits), then ``state.json``, each atomically (temp
 file, fsync, rename, directory fsync).  ``state.json`` is the commit point and is written
 exclusively: a directory with it is never written again by the tool.  Files of an attempt that
 died before its commit point are scratch — never read as an entry — and a rerun replaces them
@@ -25,7 +25,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.editing.engine import apply_deltas
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import Batch, read_batch, read_requests
 from pipeline.ledger.chain import EMPTY, ChainError, ChainState, exact_drop_plan, step
@@ -33,10 +32,12 @@ from pipeline.ledger.entry import (BASE, SCHEMA, STATUS_REFUSED, Entry, build_ma
                                    drop_content, edit_content, entry_id, revert_content, seal)
 from pipeline.ledger.errors import (BaseMismatchError, LedgerCorruptError, LedgerError, StateMismatchError)
 from pipeline.ledger.faults import fault_point
-from pipeline.ledger.layout import (DELTAS_FILE, ENTRY_FILE, EVAL_FILE, METRICS_FILE, RECORDED_FILES, STATE_FILE)
+from pipeline.ledger.layout import (DELTAS_FILE, ENTRY_FILE, EVAL_FILE, KEYS_FILE, METRICS_FILE, RECORDED_FILES,
+                                    STATE_FILE)
 from pipeline.ledger.store import dtype_name, load, load_deltas
 from pipeline.ledger.weights import Replayer, fingerprint_record
 from pipeline.models.loading import model_fingerprint
+from pipeline.models.weights import apply_deltas, trial
 
 
 @dataclass
@@ -105,10 +106,14 @@ def _write_state(path: Path, manifest: dict) -> str:
 
 
 def _commit(p: Pending, content: dict, *, fingerprints: dict, deltas: Mapping[str, torch.Tensor] | None = None,
-            timings: Mapping[str, float] | None = None, metrics: Mapping[str, Any] | None = None) -> Entry:
+            keys: Mapping[str, torch.Tensor] | None = None, timings: Mapping[str, float] | None = None,
+            metrics: Mapping[str, Any] | None = None) -> Entry:
     new_state = _plan(p, content)
     t0 = time.perf_counter()
     files = {ENTRY_FILE: atomic.write_json(p.path / ENTRY_FILE, content)}
+    if keys:
+        files[KEYS_FILE] = atomic.write_safetensors(p.path / KEYS_FILE, {n: k.detach().contiguous().cpu()
+                                                                          for n, k in keys.items()})
     delta_info = None
     if deltas is not None:
         files[DELTAS_FILE] = atomic.write_safetensors(p.path / DELTAS_FILE, deltas)
@@ -159,14 +164,16 @@ def check_finite_after(model: nn.Module, names: Mapping[str, Any], where: str) -
 def commit_edit(batch_dir: str | Path, *, base_fingerprint: str, covariance_ids: Mapping[str, str] | None,
                 deltas: Mapping[str, torch.Tensor], model: nn.Module, timings: Mapping[str, float] | None = None,
                 metrics: Mapping[str, Any] | None = None, apply: bool = False,
-                guard: Mapping[str, Any] | None = None) -> Entry:
+                guard: Mapping[str, Any] | None = None, keys: Mapping[str, torch.Tensor] | None = None) -> Entry:
     """Commit an edit batch whose ``deltas`` were computed on ``model`` in the parent state.
 
     The model's fingerprint must be the parent's recorded 'after' fingerprint; the deltas are
     added to fingerprint the new state, and the model is left edited (``apply``) or restored.
     ``guard`` is the collapse guard's decision (``{"max_ppl_ratio", "refused"}``, see
     :func:`pipeline.ledger.entry.edit_content`); a refused batch is committed with its deltas
-    but leaves the weights (and the recorded 'after' fingerprints) as they were.
+    but leaves the weights (and the recorded 'after' fingerprints) as they were.  ``keys``: the
+    batch's keys at every written layer ("role@layer" → ``[N, d_in]``, :mod:`pipeline.editing.history`),
+    kept in ``keys.safetensors`` for the update rules of later batches.
     """
     p = open_batch(batch_dir)
     b = p.batch
@@ -183,24 +190,17 @@ def commit_edit(batch_dir: str | Path, *, base_fingerprint: str, covariance_ids:
     if before["model"] != p.current_fingerprint(base_fp):
         raise StateMismatchError(f"{p.path.name}: the model is not in the state after the parent batch (its "
                                  "fingerprint differs from the recorded one)")
-    params = dict(model.named_parameters())
-    originals = {n: params[n].detach().clone() for n in deltas}
-    keep = False
-    try:
+    with trial(model, deltas) as snapshot:
         apply_deltas(model, deltas, 1)
         check_finite_after(model, deltas, p.path.name)
         if refused:
-            for n, value in originals.items():
-                params[n].copy_(value)
+            snapshot.restore()
         after = before if refused else fingerprint_record(model, deltas)
-        entry = _commit(p, content, fingerprints={"before": before, "after": after}, deltas=deltas,
+        entry = _commit(p, content, fingerprints={"before": before, "after": after}, deltas=deltas, keys=keys,
                         timings={**(timings or {}), "fingerprint_s": time.perf_counter() - t0}, metrics=metrics)
-        keep = apply
+        if apply:
+            snapshot.keep()
         return entry
-    finally:
-        if not keep:
-            for n, value in originals.items():
-                params[n].copy_(value)
 
 
 def commit_revert(batch_dir: str | Path, *, metrics: Mapping[str, Any] | None = None) -> Entry:

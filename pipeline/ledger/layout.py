@@ -33,6 +33,7 @@ KV_FILE = "keys_values.parquet"
 TRACE_FILE = "trace.parquet"
 ENTRY_FILE = "entry.json"
 DELTAS_FILE = "deltas.safetensors"
+KEYS_FILE = "keys.safetensors"  # an edit's keys at every layer it wrote (the history of constrained rules)
 STATE_FILE = "state.json"
 EVAL_FILE = "eval.parquet"
 METRICS_FILE = "metrics.json"

@@ -26,7 +26,7 @@ from pipeline.ledger.entry import (BASE, Entry, check_manifest, content_status, 
                                    validate_content)
 from pipeline.ledger.errors import (AmbiguousIdError, EntrySchemaError, LedgerCorruptError, LedgerError,
                                     UnknownEntryError)
-from pipeline.ledger.layout import (BATCH_FILE, DELTAS_FILE, DIR_RE, ENTRY_FILE, EVAL_FILE, METRICS_FILE,
+from pipeline.ledger.layout import (BATCH_FILE, DELTAS_FILE, DIR_RE, ENTRY_FILE, EVAL_FILE, KEYS_FILE, METRICS_FILE,
                                     STATE_FILE, EntryDir, incomplete_entries, scan)
 
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
@@ -120,7 +120,7 @@ def _load_safetensors(entry: Entry, data: bytes) -> dict[str, torch.Tensor]:
     try:
         return atomic.load_safetensors_bytes(data)
     except Exception as exc:  # safetensors raises several types for damaged bytes
-        raise LedgerCorruptError(entry.dirname, f"{DELTAS_FILE} is unreadable ({exc})", entry.id) from None
+        raise LedgerCorruptError(entry.dirname, f"a safetensors file is unreadable ({exc})", entry.id) from None
 
 
 def dtype_name(t: torch.Tensor) -> str:
@@ -146,6 +146,17 @@ def load_deltas(entry: Entry) -> dict[str, torch.Tensor]:
     tensors = _load_safetensors(entry, data)
     _check_delta_tensors(entry, tensors)
     return tensors
+
+
+def load_keys(entry: Entry) -> dict[str, torch.Tensor] | None:
+    """An edit entry's keys ("role@layer" → ``[N, d_in]``), checked against the manifest's sha256;
+    None for an entry written before keys were kept."""
+    if entry.kind != "edit" or KEYS_FILE not in entry.manifest["files"]:
+        return None
+    data = _read_bytes(entry.path, KEYS_FILE, entry.dirname, entry.id)
+    if atomic.sha256_bytes(data) != entry.manifest["files"][KEYS_FILE]:
+        raise LedgerCorruptError(entry.dirname, f"{KEYS_FILE} does not match its sha256 in the manifest", entry.id)
+    return _load_safetensors(entry, data)
 
 
 def read_evaluation(entry: Entry) -> dict | None:

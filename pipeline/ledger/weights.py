@@ -1,11 +1,12 @@
 """Moving a model between ledger states by replaying deltas, and fingerprinting the result.
 
 A :class:`Replayer` wraps a model that starts at the base weights.  Before it first changes a
-parameter it keeps a copy of that parameter's base value, so it can return to the base bit-exactly
-(``copy_``) instead of subtracting, and then replay any operation list.  Going forward along the
-same history (the new ops extend the current ones) only applies the new deltas; anything else is a
-reset to the base plus a full replay.  Deltas are added with :func:`pipeline.editing.engine.apply_deltas`,
-the same code path the editor used, so replay is bit-exact with the recorded fingerprints.
+parameter it keeps a copy of that parameter's base value (a growing
+:class:`~pipeline.models.weights.Snapshot`), so it can return to the base bit-exactly (``copy_``)
+instead of subtracting, and then replay any operation list.  Going forward along the same history
+(the new ops extend the current ones) only applies the new deltas; anything else is a reset to the
+base plus a full replay.  Deltas are added with :func:`pipeline.models.weights.apply_deltas`, the
+same code path the editor used, so replay is bit-exact with the recorded fingerprints.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pipeline.editing.engine import apply_deltas
 from pipeline.ledger.chain import Op, is_prefix
 from pipeline.models.loading import model_fingerprint, weights_fingerprint
+from pipeline.models.weights import Snapshot, apply_deltas
 
 DeltaLoader = Callable[[str], Mapping[str, torch.Tensor]]
 
@@ -60,32 +61,17 @@ class Replayer:
     def __init__(self, model: nn.Module, load_deltas: DeltaLoader):
         self.model = model
         self._load = load_deltas
-        self._params = dict(model.named_parameters())
-        self._base: dict[str, torch.Tensor] = {}
+        self._base = Snapshot(model)  # base values of every parameter changed so far
         self.ops: tuple[Op, ...] = ()
 
-    @torch.no_grad()
-    def protect(self, names: Iterable[str]) -> None:
-        """Save base values of parameters about to change for the first time.
-
-        Valid because a parameter not yet in ``_base`` has never been changed through this replayer.
-        """
-        for n in names:
-            if n not in self._base:
-                if n not in self._params:
-                    raise KeyError(f"delta for unknown parameter {n!r}")
-                self._base[n] = self._params[n].detach().clone()
-
-    @torch.no_grad()
     def reset(self) -> None:
-        for n, value in self._base.items():
-            self._params[n].copy_(value)
+        self._base.restore()
         self.ops = ()
 
     def apply(self, op: Op, deltas: Mapping[str, torch.Tensor] | None = None) -> None:
         eid, sign = op
         d = deltas if deltas is not None else self._load(eid)
-        self.protect(d)
+        self._base.extend(d)  # valid: a parameter not saved yet has never been changed through this replayer
         apply_deltas(self.model, dict(d), sign)
         self.ops = self.ops + (op,)
 

@@ -8,13 +8,10 @@ index.  Adding a family is adding one entry to ``FAMILIES`` – no ``if`` elsewh
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-ROLES = ("block", "mlp_out", "attn_out")
-
 
 class AdapterError(ValueError):
     """The model does not look like the family its config claims (or no family fits)."""
@@ -26,11 +23,10 @@ class Adapter:
 
     ``transposed`` is true for GPT-2's ``Conv1D`` whose weight is stored as ``[in, out]``;
     :meth:`weight` always returns the ``[out, in]`` view so the math never has to care.
-    ``parallel`` records the block layout (attention and MLP read the same input) because the
-    probes need to know what "before/after the MLP" means.  ``mlp_post_norm`` names the norm that
-    Gemma-style blocks apply to the MLP output before it joins the residual stream: the value
-    space of an edit is the output of ``mlp_out`` (where the least-squares update is exact), and
-    this role lets probes find what actually enters the residual.  ``attn_resid`` is the same for
+    ``mlp_post_norm`` names the norm that Gemma-style blocks apply to the MLP output before it
+    joins the residual stream: the value space of an edit is the output of ``mlp_out`` (where the
+    least-squares update is exact), and this role lets probes find what actually enters the
+    residual.  ``attn_resid`` is the same for
     attention: the module whose output is the attention's contribution to the residual stream
     (the output projection, or Gemma's post-attention norm after it); ``None`` means ``attn_out``.
     """
@@ -43,7 +39,6 @@ class Adapter:
     attn_out: str
     final_norm: str
     lm_head: str
-    parallel: bool = False
     transposed: bool = False
     mlp_post_norm: str | None = None
     attn_resid: str | None = None
@@ -84,10 +79,6 @@ class Adapter:
     def in_out_dims(self, model: nn.Module, role: str, layer: int) -> tuple[int, int]:
         out_dim, in_dim = self.weight(model, role, layer).shape
         return in_dim, out_dim
-
-    def to_parameter_layout(self, delta_out_in: torch.Tensor) -> torch.Tensor:
-        """Map an ``[out, in]`` update to the parameter's own storage layout."""
-        return delta_out_in.T.contiguous() if self.transposed else delta_out_in
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of final-normed hidden states (with the config's soft-capping)."""
@@ -151,7 +142,6 @@ FAMILIES: dict[str, Adapter] = {
         attn_out="transformer.h.{}.attn.out_proj",
         final_norm="transformer.ln_f",
         lm_head="lm_head",
-        parallel=True,
     ),
     "gpt_neox": Adapter(
         family="gpt_neox",
@@ -162,7 +152,6 @@ FAMILIES: dict[str, Adapter] = {
         attn_out="gpt_neox.layers.{}.attention.dense",
         final_norm="gpt_neox.final_layer_norm",
         lm_head="lm_head",
-        parallel=True,  # use_parallel_residual=True is the GPT-NeoX/Pythia default
     ),
 }
 
@@ -175,7 +164,5 @@ def adapter_for(model: nn.Module) -> Adapter:
         raise AdapterError(
             f"no adapter for model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
         )
-    if adapter.family == "gpt_neox" and not getattr(model.config, "use_parallel_residual", True):
-        adapter = replace(adapter, parallel=False)
     adapter.validate(model)
     return adapter

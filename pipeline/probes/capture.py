@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.editing.hooks import hooks, record_output
-from pipeline.editing.tokens import encode_with_subject, pad_right
+from pipeline.tokens import encode_with_subject, pad_right
 from pipeline.models.adapters import Adapter
 
 POSITIONS = ("subject_last", "prediction")

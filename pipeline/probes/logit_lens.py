@@ -14,7 +14,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from pipeline.editing.tokens import target_ids
+from pipeline.tokens import target_ids
 from pipeline.models.adapters import adapter_for
 from pipeline.probes.capture import POSITIONS, capture_states, logit_lens
 

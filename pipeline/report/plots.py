@@ -123,6 +123,24 @@ def delta_norms(history: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+def health(history: pd.DataFrame) -> bytes:
+    """Drift before collapse: the largest ‖W‖/‖W₀‖ of the edited matrices after each batch, and the
+    collapse guard's ME-PPL-50 ratio where it judged the batch."""
+    df = history[history["kind"] == "edit"]
+    fig, ax = plt.subplots(figsize=(6.2, 4))
+    drawn = _series(ax, df, "max_weight_norm_ratio", color="tab:red", marker="o", label="max ‖W‖/‖W₀‖")
+    drawn |= _series(ax, df, "guard_ratio", color="tab:brown", marker="s", label="guard: ME-PPL-50 / unedited")
+    if drawn:
+        ax.axhline(1.0, color="gray", linestyle=":")
+        ax.legend(fontsize=7)
+    else:
+        _empty(ax, "health record")
+    ax.set(xlabel="requests active after the batch", ylabel="ratio to the unedited model",
+           title="Health: weight norm growth and perplexity ratio")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def _plot_by_seq(ax, df: pd.DataFrame, column: str, **kw) -> bool:
     have = df[df[column].notna()]
     if have.empty:
@@ -132,4 +150,4 @@ def _plot_by_seq(ax, df: pd.DataFrame, column: str, **kw) -> bool:
 
 
 FIGURES = (("Edit success", edit_metrics), ("Collapse", perplexity), ("Fluency and consistency", generation_metrics),
-           ("Weight change per layer", delta_norms))
+           ("Weight change per layer", delta_norms), ("Health", health))

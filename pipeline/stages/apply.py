@@ -2,7 +2,7 @@
 
 * edit: materialise the parent state again, load the targets from ``keys_values.parquet`` and the
   covariances from ``data/covariance`` (keyed on the *base* model's fingerprint, so every batch
-  reuses the same ones), run phase 2 of the engine (:func:`pipeline.editing.engine.spread_targets`),
+  reuses the same ones), replay the recorded targets through the edit driver (every spread, in order),
   let the collapse guard judge the result if ``guard.max_ppl_ratio`` is set
   (:mod:`pipeline.stages.guard`: a refused batch is committed as refused and changes no weights),
   and commit the deltas.  A non-finite update stops the batch before anything is written;
@@ -18,39 +18,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.editing.covariance import cache_keys, entry_path, key_id, second_moments
-from pipeline.editing.engine import spread_targets
-from pipeline.editing.iterate import run_edit
-from pipeline.editing.hparams import HParams
+import torch
+
+from pipeline.editing.driver import Replay, drive
 from pipeline.ledger import commit_drop, commit_edit, commit_revert, read_batch
 from pipeline.ledger.entry import Entry
 from pipeline.ledger.layout import KV_FILE, STATE_FILE
 from pipeline.ledger.store import load
 from pipeline.models.adapters import adapter_for
-from pipeline.stages.common import Project, StageError, base_model, corpus, needed_covariances, open_edit_batch
+from pipeline.stages.common import (Project, RuleInputs, StageError, base_model, needed_covariances, open_edit_batch,
+                                    rule_inputs)
+from pipeline.stages.covariance import cached_covariances
 from pipeline.stages.guard import judge
-from pipeline.stages.keys_values import read_passes
-
-
-def cached_covariances(project: Project, lm, targets: list[tuple[str, int]], hp: HParams):
-    """The covariances of ``targets`` from ``data/covariance`` — never computed here: a missing one
-    is a configuration error (the covariance stages own that folder)."""
-    cfg = project.params()
-    cor = corpus(project, cfg)
-    dtype = hp.cov_dtype
-    chunks = cor.chunks(lm.tokenizer, hp.cov_max_length, hp.cov_max_texts)
-    ids = {t: key_id(k) for t, k in cache_keys(lm.fingerprint, cor, chunks, targets, hp.cov_max_length, dtype).items()}
-    for (role, layer), kid in ids.items():
-        folder = entry_path(project.covariance_dir, (role, layer), kid).parent
-        if not folder.is_dir():
-            raise StageError(f"no covariance for {role}@{layer}: {folder} does not exist; add layer {layer} (role "
-                             f"{role}) under `covariance:` in params.yaml and run `dvc repro -P`")
-        if not entry_path(project.covariance_dir, (role, layer), kid).exists():
-            raise StageError(f"{folder} holds a covariance computed with other settings (model, corpus, "
-                             "cov_max_length/cov_max_texts or cov_dtype) than this batch's hyper-parameters")
-    return second_moments(lm.model, lm.tokenizer, adapter_for(lm.model), lm.fingerprint, cor, targets,
-                          hp.cov_max_length, hp.cov_max_texts, hp.cov_batch_tokens, dtype, project.covariance_dir,
-                          progress=False)
+from pipeline.stages.targets_file import read_targets
 
 
 def apply_edit(batch_dir: Path) -> Entry:
@@ -58,30 +38,28 @@ def apply_edit(batch_dir: Path) -> Entry:
     spec, hp, reqs, lm = eb.spec, eb.hp, eb.requests, eb.lm
     model, tok = lm.model, lm.tokenizer
     timings = {"materialize_s": eb.materialize_s}
-    passes, meta = read_passes(eb.dir / KV_FILE)
-    values = passes[0]
-    if meta["layer"] != hp.layers[-1] or set(meta["sites"]) != set(spec.sites) or len(values.steps) != len(reqs):
+    passes, meta = read_targets(eb.dir / KV_FILE)
+    if meta["layer"] != hp.layers[-1] or set(meta["sites"]) != set(spec.sites) or len(passes[0].steps) != len(reqs):
         raise StageError(f"{KV_FILE} does not belong to this batch's method/requests; rerun its keys_values stage")
     t0 = time.perf_counter()
     targets = needed_covariances(spec, hp)
     covs, ids = cached_covariances(eb.project, lm, targets, hp)
+    rule = rule_inputs(eb, covs, ids)
     timings["covariance_load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    try:
-        if spec.joint and not hp.iterative:
-            deltas, layers = spread_targets(model, tok, adapter_for(model), reqs, meta["prefixes"], spec, hp, values,
-                                            covs, apply=False)
-        else:  # replay the recorded passes' spreads, in order (iterative editing, separate optimisation)
-            run = run_edit(model, tok, adapter_for(model), reqs, meta["prefixes"], spec, hp, covs, apply=False,
-                           stored=passes)
-            deltas, layers = run.deltas, run.layers
+    try:  # the recorded passes' spreads, in order
+        run = drive(model, tok, adapter_for(model), reqs, meta["prefixes"], spec, hp, covs, Replay(passes), apply=False,
+                    history=rule.history, spectra=rule.spectra)
     except FloatingPointError as exc:
         raise StageError(f"{eb.dir.name}: {exc}; the batch is not committed and the previous state stays "
                          "active") from None
+    deltas, layers = run.deltas, run.layers
     timings["spread_s"] = time.perf_counter() - t0
     metrics = {"steps": sum(v.steps for v in passes).tolist(), "layers": layers,
+               "health": health(model, deltas, eb.base_norms, layers, rule),
                **({"iterations": meta["iterations"]} if meta.get("iterations") else {}),
-               **({"editing_neighbors": meta["editing_neighbors"]} if meta.get("editing_neighbors") else {})}
+               **({"editing_neighbors": meta["editing_neighbors"]} if meta.get("editing_neighbors") else {}),
+               **({"anchored": meta["anchored"]} if meta.get("anchored") else {})}
     decision = None
     max_ratio = eb.project.params()["guard"]["max_ppl_ratio"]
     if max_ratio is not None and eb.batch.reapplies is None:
@@ -92,7 +70,26 @@ def apply_edit(batch_dir: Path) -> Entry:
         timings["guard_s"] = time.perf_counter() - t0
     return commit_edit(eb.dir, base_fingerprint=lm.fingerprint, model=model, deltas=deltas,
                        covariance_ids={f"{r}@{layer}": ids[(r, layer)] for r, layer in targets},
-                       timings={**meta["timings"], **timings}, metrics=metrics, guard=decision)
+                       timings={**meta["timings"], **timings}, metrics=metrics, guard=decision, keys=run.keys)
+
+
+@torch.no_grad()
+def health(model, deltas: dict, base_norms: dict[str, float], layers: list[dict], rule: RuleInputs) -> dict:
+    """Per-batch health of the state this batch makes: ‖W‖/‖W₀‖ of every written matrix (the norm
+    growth that precedes collapse), the null-space projector's rank per layer, and how many earlier
+    entries the rule's history covers."""
+    params = dict(model.named_parameters())
+    ratio = {n: float((params[n].detach().double() + d.double().to(params[n].device)).norm()) / base_norms[n]
+             for n, d in sorted(deltas.items())}
+    out = {"weight_norm_ratio": ratio, "max_weight_norm_ratio": max(ratio.values())}
+    ranks = {f"{r['role']}@{r['layer']}": r["projector_rank"] for r in layers if "projector_rank" in r}
+    if ranks:
+        out["projector_rank"] = ranks
+    if rule.history is not None:
+        out["history_entries"] = rule.history_entries
+        if rule.history_missing:
+            out["history_missing"] = rule.history_missing
+    return out
 
 
 def run(batch_dir: str | Path) -> Entry:

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from pipeline.config import load_params
 from pipeline.data import sha256_file
-from pipeline.editing.covariance import Corpus
+from pipeline.editing.covariance import Corpus, spectra
 from pipeline.editing.hparams import HParams, load_hparams
-from pipeline.editing.methods import Method, get_method
-from pipeline.models.loading import GGUF_SOURCES, LoadedModel, load_model
+from pipeline.editing.history import history_of
+from pipeline.editing.methods import Method, get_method, sites_of
+from pipeline.editing.solvers import SOLVERS
+from pipeline.editing.spread import written_projections
+from pipeline.editing.targets import anchor_norms
+from pipeline.models.adapters import adapter_for
+from pipeline.models.loading import GGUF_SOURCES, LoadedModel, cache_home, load_model
 
 CORPUS = Path("data/wikitext/wikitext2_raw_test.txt")  # the data stage's verified copy
 
@@ -83,9 +89,7 @@ def resolve_hparams(project: Project, cfg: dict, method: str, iterative: bool | 
 
 
 def needed_covariances(spec: Method, hp: HParams) -> list[tuple[str, int]]:
-    from pipeline.editing.engine import written_projections
-
-    return written_projections(spec, hp)
+    return written_projections(spec.resolve(hp))
 
 
 def configured_covariances(cfg: dict) -> list[tuple[str, int]]:
@@ -127,6 +131,12 @@ def check_layers(project: Project, cfg: dict, hp: HParams) -> None:
     if bad:
         raise StageError(f"hyper-parameter layers {list(hp.layers)}: layer(s) {bad} out of range, the base model has "
                          f"layers 0..{n - 1}")
+
+
+def user_cache(project: Project, cfg: dict) -> Path:
+    """The user-level content-keyed cache (``cache_dir``): the covariance stages compute there
+    first, and derived statistics (eigen-decompositions) live there, never in the DVC outputs."""
+    return project.path(cfg["cache_dir"]) if cfg["cache_dir"] else cache_home() / "covariance"
 
 
 def corpus(project: Project, cfg: dict) -> Corpus:
@@ -178,11 +188,14 @@ class EditBatch:
     requests: list
     lm: LoadedModel
     materialize_s: float
+    base_norms: dict[str, float]  # ‖W₀‖ of every parameter the batch writes (the health record's reference)
+    anchors: dict[str, torch.Tensor] | None  # norm_anchor: the unedited model's value norms per site
 
 
 def open_edit_batch(batch_dir: str | Path, stage: str) -> EditBatch:
     """Read an edit batch's inputs, check its covariance configuration, load the base model and
-    replay the history up to its parent (checked bit for bit against the recorded fingerprints)."""
+    replay the history up to its parent (checked bit for bit against the recorded fingerprints).
+    What the batch needs from the unedited model is read before the replay."""
     import time
 
     from pipeline.ledger import read_batch, read_requests
@@ -196,9 +209,49 @@ def open_edit_batch(batch_dir: str | Path, stage: str) -> EditBatch:
     check_covariance_config(project.params(), spec, hp)
     reqs = read_requests(batch_dir)
     lm = base_model(project)
+    adapter = adapter_for(lm.model)
+    params = dict(lm.model.named_parameters())
+    base_norms = {name: float(params[name].detach().double().norm())
+                  for name in (adapter.parameter_name(r, layer) for r, layer in needed_covariances(spec, hp))}
+    anchors = anchor_norms(lm.model, lm.tokenizer, adapter, reqs, sites_of(spec.resolve(hp))) if hp.norm_anchor else None
     t0 = time.perf_counter()
     parent_state(project, batch.parent, lm.model)
-    return EditBatch(batch_dir, project, batch, spec, hp, reqs, lm, time.perf_counter() - t0)
+    return EditBatch(batch_dir, project, batch, spec, hp, reqs, lm, time.perf_counter() - t0, base_norms, anchors)
+
+
+def edit_history(project: Project, parent: str | None) -> tuple[dict[str, torch.Tensor], int, list[str]]:
+    """The update rules' history after batch directory ``parent``: ``Σ KᵀK`` of the keys of the
+    entries active in that state, in their order (:func:`pipeline.editing.history.history_of`), how
+    many entries it covers, and the active entries that kept no keys (written before keys were
+    kept: they constrain nothing)."""
+    from pipeline.ledger.store import load, load_keys
+
+    if parent is None:
+        return {}, 0, []
+    chain, states = load(project.ledger, upto=parent)
+    by_id = {e.id: e for e in chain}
+    kept = [(by_id[eid], load_keys(by_id[eid])) for eid in states[-1].active]
+    with_keys = [k for _, k in kept if k is not None]
+    return history_of(with_keys), len(with_keys), [e.dirname for e, k in kept if k is None]
+
+
+@dataclass
+class RuleInputs:
+    """What the batch's update rule reads besides its own keys and residuals."""
+
+    history: dict[str, torch.Tensor] | None  # Σ KᵀK of the active earlier entries (rules that use it)
+    spectra: dict | None  # eigen-decompositions of the covariances (rules that use them)
+    history_entries: int = 0  # active earlier entries whose keys are in the history
+    history_missing: list[str] = field(default_factory=list)  # active entries that kept no keys
+
+
+def rule_inputs(eb: EditBatch, covs: dict, ids: dict) -> RuleInputs:
+    """The history and spectra the batch's rule needs, derived from the active chain and the
+    covariances (cached beside them in the user cache, never in the pipeline's outputs)."""
+    rule = SOLVERS[eb.hp.solver]
+    history, n, missing = edit_history(eb.project, eb.batch.parent) if rule.uses_history else (None, 0, [])
+    spec = spectra(covs, ids, user_cache(eb.project, eb.project.params())) if rule.uses_spectrum else None
+    return RuleInputs(history, spec, n, missing)
 
 
 def write_json(path: Path, doc: Any) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.data import DATASETS, DataError, expected_sums, verified_path
-from pipeline.editing.requests import RequestError, parse_record
+from pipeline.requests import RequestError, parse_record
 from pipeline.ledger import atomic
 from pipeline.stages.common import CORPUS, Project
 

@@ -34,7 +34,7 @@ from pipeline.ledger import read_batch, read_requests, write_evaluation
 from pipeline.ledger.atomic import canonical_json
 from pipeline.ledger.layout import KV_FILE
 from pipeline.ledger.replay import materialize
-from pipeline.stages.keys_values import read_passes
+from pipeline.stages.targets_file import read_targets
 from pipeline.ledger.store import load
 from pipeline.stages.common import CORPUS, Project, StageError, base_model, me_ppl_texts
 
@@ -80,7 +80,7 @@ def run(batch_dir: str | Path) -> dict:
     lm = base_model(project)
     # neighbour-assisted batches: the neighbours used for editing are not specificity tests
     kv = batch_dir / KV_FILE
-    editing_neighbors = read_passes(kv)[1].get("editing_neighbors") if kv.exists() else None
+    editing_neighbors = read_targets(kv)[1].get("editing_neighbors") if kv.exists() else None
     tok = lm.tokenizer
     results: dict[str, dict] = {}
     ppl: dict[str, float] = {}

@@ -21,10 +21,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from pipeline.editing.engine import apply_deltas
 from pipeline.evaluation.perplexity import perplexity
 from pipeline.ledger.atomic import sha256_json
 from pipeline.ledger.entry import Entry
+from pipeline.models.weights import apply_deltas, trial
 from pipeline.stages.common import Project, base_model, me_ppl_texts
 
 MAX_LENGTH = 256
@@ -79,17 +79,13 @@ def judge(project: Project, max_ppl_ratio: float, model, tok, deltas: Mapping[st
     """
     texts = me_ppl_texts(project)
     sha = sha256_json(texts)
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in deltas}
     base_ppl = recorded_base_ppl(chain, base_fingerprint, sha)
     if base_ppl is None:
         base_ppl = perplexity(base_model(project).model, tok, texts, MAX_LENGTH, BATCH_SIZE)
-    try:
+    with trial(model, deltas):
         apply_deltas(model, dict(deltas), 1)
-        ppl = perplexity(model, tok, texts, MAX_LENGTH, BATCH_SIZE)
-    except OverflowError:  # exp(mean NLL) beyond float range: as collapsed as it gets
-        ppl = float("inf")
-    finally:
-        for n, value in saved.items():
-            params[n].copy_(value)
+        try:
+            ppl = perplexity(model, tok, texts, MAX_LENGTH, BATCH_SIZE)
+        except OverflowError:  # exp(mean NLL) beyond float range: as collapsed as it gets
+            ppl = float("inf")
     return GuardVerdict(float(max_ppl_ratio), float(base_ppl), float(ppl), sha)

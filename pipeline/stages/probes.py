@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data import sample_records
-from pipeline.editing.requests import parse_record
+from pipeline.requests import parse_record
 from pipeline.ledger import atomic
 
 KINDS = ("similarity", "logit-lens")

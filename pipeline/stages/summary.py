@@ -42,11 +42,12 @@ METRICS = (*HEADLINE, *(f"{m}_{q}" for q in ("magnitude", "accuracy") for m in H
 PHASES = ("base", "pre", "post", "ret")
 COLUMNS = ["seq", "dir", "id", "kind", "method", "modifiers", "protocol", "n_requests", "n_active_requests", "status",
            "active", "approximate", "target", "mode", "reapplies", "created_at", "edit_s", "ppl_base", "ppl",
-           "retention_mode", "retention_n", "retention_available", "delta_norm"] + [
+           "retention_mode", "retention_n", "retention_available", "delta_norm", "max_weight_norm_ratio",
+           "min_projector_rank", "guard_ratio"] + [
            f"{p}_{m}" for p in PHASES for m in METRICS]
 # what `dvc plots` draws (root dvc.yaml) and the HTML report's curves read
 PLOT_COLUMNS = ["seq", "dir", "kind", "n_active_requests", *(f"post_{m}" for m in METRICS),
-                *(f"ret_{m}" for m in METRICS), "ppl"]
+                *(f"ret_{m}" for m in METRICS), "ppl", "max_weight_norm_ratio", "min_projector_rank", "guard_ratio"]
 
 
 def _evaluation_columns(ev: dict | None) -> dict:
@@ -79,6 +80,16 @@ def _delta_columns(manifest: dict) -> dict:
     return out
 
 
+def _health_columns(manifest: dict) -> dict:
+    """The apply stage's health record: the largest ‖W‖/‖W₀‖ over the edited matrices of the state
+    the batch made, the smallest null-space projector rank, and the collapse guard's perplexity ratio."""
+    metrics = manifest.get("metrics") or {}
+    health, guard = metrics.get("health") or {}, metrics.get("guard") or {}
+    ranks = (health.get("projector_rank") or {}).values()
+    return {"max_weight_norm_ratio": health.get("max_weight_norm_ratio"), "min_projector_rank": min(ranks, default=None),
+            "guard_ratio": guard.get("ratio")}
+
+
 def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
     """One row per batch directory, in sequence order (see the module docstring)."""
     ledger = Path(ledger_dir)
@@ -109,7 +120,7 @@ def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
             row.update(id=e.id, active=e.id in active, approximate=e.approximate, created_at=e.manifest["created_at"],
                        edit_s=sum(e.manifest["timings"].values()), n_active_requests=n_active[d.name],
                        status=e.manifest["status"])
-            row.update(_delta_columns(e.manifest))
+            row.update(_delta_columns(e.manifest), **_health_columns(e.manifest))
             try:
                 row.update(_evaluation_columns(read_evaluation(e)))
             except LedgerCorruptError:

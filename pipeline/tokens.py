@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.editing.requests import RequestError
+from pipeline.requests import RequestError
 
 
 @dataclass(frozen=True)
