@@ -93,7 +93,8 @@ def run_tiny() -> dict:
     import pipeline
     from pipeline.editing.hparams import HParams
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread (restored: the SmolLM2 part runs with the machine's)
     tmp = Path(tempfile.mkdtemp(prefix="bitid-"))
     corpus = tmp / "corpus.txt"
     corpus.write_text(CORPUS_TEXT, encoding="utf-8")
@@ -118,6 +119,7 @@ def run_tiny() -> dict:
                             cache_dir=tmp / "cov", engine=engine, progress=False)
         out[f"{fam}/{method}/{label}"] = {"deltas": deltas_sha256(res.deltas), "steps": res.steps,
                                           "iterations": len(res.iterations)}
+    torch.set_num_threads(threads)
     return out
 
 

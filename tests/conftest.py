@@ -247,3 +247,17 @@ def cf_requests():
     from pipeline.requests import parse_requests
 
     return parse_requests(copy.deepcopy(COUNTERFACT_RECORDS))
+
+
+def poison_losses(monkeypatch) -> None:
+    """Make every value-optimisation loss NaN (its non-finite check must stop the batch)."""
+    from pipeline.editing import optimise
+
+    real = optimise.request_losses
+
+    def nan_losses(*a, **k):
+        terms = real(*a, **k)
+        terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(optimise, "request_losses", nan_losses)

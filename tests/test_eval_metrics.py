@@ -246,6 +246,6 @@ def test_report_page_is_self_contained():
 
     h = history_table(_ledger_frame())
     page = html_page(h, summary_metrics(h), None)
-    assert page.count("src='data:image/png;base64,") == 4
+    assert page.count("src='data:image/png;base64,") == 5
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "<td>0.425</td>" in page  # row 0 in the table

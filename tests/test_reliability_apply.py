@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.editing import optimise
+from conftest import poison_losses
 from pipeline.editing.solvers import SOLVERS, Solver
 from pipeline.ledger import LedgerError, active_chain, entries, materialize, verify
 from pipeline.ledger.append import append_edit
@@ -56,14 +56,7 @@ def test_a_non_finite_loss_stops_the_batch_before_anything_is_written(one_batch,
     repo = copy_of(one_batch, "nan-loss")
     ids = [e.id for e in entries(repo / "ledger")]
     d = pending_batch(repo, "b2", RECORDS[2:4])
-    real = optimise.request_losses
-
-    def nan_losses(*a, **k):
-        terms = real(*a, **k)
-        terms.loss = terms.loss * float("nan")
-        return terms
-
-    monkeypatch.setattr(optimise, "request_losses", nan_losses)
+    poison_losses(monkeypatch)
     before = tree_digest(repo)
     res = cli(repo, "stage", "keys-values", "--batch", d, code=2)
     # the value-optimisation progress bar may precede it; the error is the last line
@@ -113,7 +106,8 @@ def test_the_collapse_guard_refuses_a_batch_and_keeps_the_previous_state(one_bat
     repo = copy_of(one_batch, "guard")
     L = repo / "ledger"
     (e1,) = entries(L)
-    assert "guard" not in e1.content  # guard off: the entry content is what it always was
+    # the shipped params.yaml has the guard on (2× the base perplexity): it judged batch 1 and let it in
+    assert e1.content["guard"] == {"max_ppl_ratio": 2.0, "refused": False} and e1.metrics["guard"]["ratio"] < 2.0
     # a threshold that must trigger: perplexity would have to fall 1000-fold
     set_guard(repo, 1e-3)
     d2 = pending_batch(repo, "b2", RECORDS[2:4])

@@ -89,7 +89,7 @@ def test_every_flipped_byte_of_every_ledger_file_is_named_by_verify(project):
             tried[path.name] += 1
         rewrite(path, data)
     kinds = {"batch.yaml", "requests.parquet", "dvc.yaml", "keys_values.parquet", "trace.parquet", "entry.json",
-             "deltas.safetensors", "state.json", "eval.parquet", "metrics.json"}
+             "keys.safetensors", "deltas.safetensors", "state.json", "eval.parquet", "metrics.json"}
     assert set(tried) == kinds and {"dvc.lock", ".gitignore", ".gitkeep"} <= outside <= OUTSIDE_CHAIN
     print(f"\nledger byte flips detected: {sum(tried.values())} in {len(kinds)} kinds of file: {dict(tried)}")
     assert verify(L, replay=True, load_base=lambda: load_model(repo / "data" / "model").model).ok

@@ -15,6 +15,7 @@ from pipeline.editing.optimise import OptimisationError, ValueResult
 from pipeline.editing.workers import WorkerError, fork_map
 import pipeline
 import pipeline.editing.optimise as optimise_mod
+from conftest import poison_losses
 from test_engine_tiny import HP, _edit, _records
 
 
@@ -110,14 +111,7 @@ def test_concat_values_keeps_batch_indices():
 def test_a_non_finite_loss_names_batch_indices_from_every_worker(llama, corpus_path, tmp_path, monkeypatch):
     """Each worker optimises a slice; its failing requests are reported by their index in the batch."""
     model, tok = llama
-    real = optimise_mod.request_losses
-
-    def nan_losses(*a, **k):
-        terms = real(*a, **k)
-        terms.loss = terms.loss * float("nan")
-        return terms
-
-    monkeypatch.setattr(optimise_mod, "request_losses", nan_losses)
+    poison_losses(monkeypatch)
     with pytest.raises(OptimisationError, match=r"non-finite loss at step 0 for request\(s\) \[0, 1, 2\]"):
         pipeline.edit(model, tok, _records(), method="pmet", hparams=HP.replace(v_workers=2),
                       corpus=corpus_path, cache_dir=tmp_path, progress=False)

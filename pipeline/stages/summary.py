@@ -131,7 +131,7 @@ def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
     layers = sorted({k for r in rows for k in r if k.startswith("delta_norm_layer_")},
                     key=lambda k: (not k[17:].isdigit(), int(k[17:]) if k[17:].isdigit() else 0, k))
     df = pd.DataFrame(rows, columns=COLUMNS + layers)
-    for col in ("n_requests", "n_active_requests", "retention_n", "retention_available"):
+    for col in ("n_requests", "n_active_requests", "retention_n", "retention_available", "min_projector_rank"):
         df[col] = df[col].astype("Int64")
     return df
 
