@@ -2,7 +2,8 @@
 
 The target values of a batch do not depend on the update rule, so they are optimised once (for the
 first batch of a stream, on the unedited model) and every grid point only spreads them
-(``Replay``) and evaluates: efficacy / generalisation / specificity of the batch, ME-PPL-50, and the
+(``Replay``; with ``norm_anchor`` after rescaling them to the unedited model's value norms, which
+is what NAS does to optimised targets) and evaluates: efficacy / generalisation / specificity of the batch, ME-PPL-50, and the
 growth of the edited matrices.  This picks the scale of the null-space rule's α and its share of
 eigenvectors before the (slow) streams; the streams then check the choice over a history.
 
@@ -36,11 +37,12 @@ def main(method: str = "pmet", start: int = 10000, n: int = 100, hparams: str = 
     from pipeline.data import me_ppl_texts, sample_records
     from pipeline.editing.context import context_prefixes
     from pipeline.editing.covariance import Corpus, second_moments, spectra
-    from pipeline.editing.driver import Optimise, Replay, drive
+    from pipeline.editing.driver import Optimise, Replay, anchor_targets, drive
     from pipeline.editing.engine import default_corpus
     from pipeline.editing.hparams import load_hparams
-    from pipeline.editing.methods import get_method
+    from pipeline.editing.methods import get_method, sites_of
     from pipeline.editing.spread import written_projections
+    from pipeline.editing.targets import anchor_norms
     from pipeline.evaluation.perplexity import perplexity
     from pipeline.evaluation.protocols import evaluate
     from pipeline.models.adapters import adapter_for
@@ -75,11 +77,14 @@ def main(method: str = "pmet", start: int = 10000, n: int = 100, hparams: str = 
     base_norms = {n: float(params[n].detach().double().norm()) for n in names}
     base_ppl = perplexity(model, tok, texts)
     print(json.dumps({"values_s": values_s, "base_ppl": base_ppl}), flush=True)
+    anchors = anchor_norms(model, tok, adapter, reqs, sites_of(spec.resolve(base_hp)))  # the model is unedited here
     for point in points:
         hp = base_hp.replace(**point)
+        targets_used = [anchor_targets(v, anchors, hp.norm_anchor_skip) for v in values] if hp.norm_anchor else values
         with trial(model, names):  # back to the unedited model, bit for bit, after each point
             t0 = time.perf_counter()
-            run = drive(model, tok, adapter, reqs, prefixes, spec, hp, covs, Replay(values), apply=True, spectra=spec_)
+            run = drive(model, tok, adapter, reqs, prefixes, spec, hp, covs, Replay(targets_used), apply=True,
+                        spectra=spec_)
             spread_s = time.perf_counter() - t0
             post, _ = evaluate(model, tok, reqs)
             ratio = {n: float(params[n].detach().double().norm() / base_norms[n]) for n in run.deltas}

@@ -85,3 +85,13 @@ def test_norm_growth_is_measured_against_the_base_weights_and_tabled(ll, tmp_pat
     md = ll.write_table(rdir, ["pmet", "memit"], 4, 2).read_text()
     assert "| pmet | w | 5.0 | 10.0 | 1.000 |" in md
     assert "| memit |" not in md.split("Norm growth")[1]
+
+
+def test_streams_are_labelled_and_variants_resolve(ll, tmp_path):
+    assert [ll.stream_label(*x) for x in ((2000, 100, 0), (500, 1, 0), (300, 100, 10000), (40, 20, 0))] == [
+        "", "", "tuning", "smoke"]
+    assert ll.run_dir(tmp_path, 300, 100, 10000).name == "lifelong_tuning_n300_b100_s10000"
+    method, hp = ll.variant_hparams("pmet+ns", "smollm2-135m-instruct", {"v_dtype": "float32"})
+    assert method == "pmet" and hp.solver == "null_space" and hp.v_dtype == "float32" and hp.clamp_norm_factor == 3.0
+    with pytest.raises(Exception, match=r"unknown variant 'pmet\+zz'"):
+        ll.variant_hparams("pmet+zz", "smollm2-135m-instruct", {})
