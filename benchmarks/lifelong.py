@@ -251,7 +251,6 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
     machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "processor": platform.processor() or platform.machine(),
                "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported())}
-    (rdir / "machine.json").write_text(json.dumps(machine, indent=2))
     settings = RetentionSettings(sample=retention_sample, full_every=0, generation=False, seed=0)
     unedited = None  # a copy of the base model, for the variants that anchor norms to it
 
@@ -259,6 +258,7 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
         method, hp = hps[m]
         mdir = rdir / m
         mdir.mkdir(exist_ok=True)
+        (mdir / "machine.json").write_text(json.dumps(machine, indent=2))  # per variant: histories may differ
         curve_path = mdir / "curve.jsonl"
         curve = read_jsonl(curve_path)
         check_settings(mdir / "settings.json", hp, bool(curve))

@@ -93,17 +93,19 @@ def _edit(model, tok, corpus, cache, records, hp, method="pmet", **kw):
                          progress=False, **kw)
 
 
-@pytest.mark.parametrize("method", ["memit", "pmet", "pmet-attn-write", "jeep"])
-def test_every_method_composes_with_the_null_space_rule(llama, corpus_path, tmp_path, method):
-    """The written layers' deltas annihilate the preserved directions of their own covariance."""
+@pytest.mark.parametrize("method,modifier", [("memit", {}), ("pmet", {}), ("pmet-attn-write", {}), ("jeep", {}),
+                                             ("jeep-separate", {}), ("pmet", {"iterative": True, "max_iterations": 2})])
+def test_every_method_composes_with_the_null_space_rule(llama, corpus_path, tmp_path, method, modifier):
+    """The written layers' deltas annihilate the preserved directions of their own covariance (also
+    summed over the passes of separate optimisation and the iterations of iterative editing)."""
     from pipeline.editing.covariance import Corpus, second_moments, spectra
     from pipeline.editing.methods import get_method
     from pipeline.editing.spread import written_projections
     from pipeline.models.loading import model_fingerprint
 
     model, tok = llama
-    hp = HP.replace(solver="null_space", null_space_share=0.5, null_space_alpha=1e-3)
-    if method == "jeep":
+    hp = HP.replace(solver="null_space", null_space_share=0.5, null_space_alpha=1e-3, **modifier)
+    if method.startswith("jeep"):
         hp = hp.replace(layers=(0, 1), high_layers=(2, 3), high_clamp_norm_factor=0.5)
     res = _edit(model, tok, corpus_path, tmp_path, COUNTERFACT_RECORDS[:3], hp, method)
     adapter = adapter_for(model)
