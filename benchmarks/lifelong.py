@@ -15,11 +15,16 @@ history ``Σ KᵀK`` of every earlier batch's keys (all stay active in a stream)
 unedited model's value norms (a copy of the base model).
 
 It runs for hours on a 2-core CPU, so it is resumable: after each batch the edited weights and the
-history are checkpointed (only the parameters that changed, under the editledger cache) and the
-batch's row appended to ``curve.jsonl``; a rerun continues after the last completed batch.  The
-weights are updated in place batch after batch exactly as ``edit(..., apply=True)`` does, and the
-checkpoint holds those tensors themselves, so a resumed history equals an uninterrupted one bit for
-bit.  Streams: 2000 = 20 × 100 and 10000 = 100 × 100 from record 0, 500 × 1 (``--batch 1``);
+history are checkpointed (only the parameters that changed, under the editledger cache), the
+batch's *targets* (the optimised values and context prefixes, ~0.5 MB) written to
+``targets/NNNN.safetensors`` beside the curve, to be committed with it, and the batch's row appended
+to ``curve.jsonl``; a rerun continues after the last completed batch.  The weights are updated in
+place batch after batch exactly as ``edit(..., apply=True)`` does, and the checkpoint holds those
+tensors themselves, so a resumed history equals an uninterrupted one bit for bit.  In a new session
+(no checkpoint) the history is rebuilt from the committed targets, batch by batch, as the ledger's
+``apply`` stage does: no optimisation, about a minute per batch, bit-identical on the machine that
+wrote them (the test in ``tests/test_constrained.py``) and checked against the curve's recorded
+norms on any other.  Streams: 2000 = 20 × 100 and 10000 = 100 × 100 from record 0, 500 × 1 (``--batch 1``);
 ``--start`` ≥ 10000 is a tuning stream (records disjoint from the reported ones); anything else is
 labelled a smoke run.  ``--overrides`` (JSON) applies to every variant, e.g. float32 compute on a
 CPU without bfloat16 dot products.
@@ -107,6 +112,47 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def save_targets(path: Path, res) -> None:
+    """A batch's targets, pass by pass (``p{k}/{site}``, ``p{k}/steps``), and its context prefixes:
+    all :class:`~pipeline.editing.driver.Replay` needs to spread the batch again."""
+    from safetensors.torch import save_file
+
+    tensors = {f"p{k}/steps": v.steps.contiguous() for k, v in enumerate(res.values)}
+    tensors |= {f"p{k}/{site}": z.detach().contiguous() for k, v in enumerate(res.values) for site, z in v.targets.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"prefixes": json.dumps(res.prefixes), "passes": str(len(res.values))})
+    tmp.replace(path)
+
+
+def save_checkpoint(path: Path, state: dict, changed: set[str], history: dict) -> None:
+    """The parameters the history has written and its ``Σ KᵀK`` (``history/…``), atomically."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({**{k: state[k].detach().contiguous() for k in changed},
+               **{f"history/{k}": v for k, v in history.items()}}, str(tmp))
+    tmp.replace(path)
+
+
+def load_targets(path: Path):
+    """The :class:`~pipeline.editing.driver.Replay` of a batch written by :func:`save_targets`."""
+    from safetensors import safe_open
+
+    from pipeline.editing.driver import Replay
+    from pipeline.editing.optimise import ValueResult
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    passes = []
+    for k in range(int(meta["passes"])):
+        targets = {name.split("/", 1)[1]: t for name, t in tensors.items() if name.startswith(f"p{k}/") and
+                   not name.endswith("/steps")}
+        passes.append(ValueResult(targets, {}, {}, tensors[f"p{k}/steps"]))
+    return Replay(passes, json.loads(meta["prefixes"]))
 
 
 def weight_growth(base: dict, edited: dict) -> dict[str, dict[str, float]]:
@@ -220,7 +266,7 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
         return
 
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from compare_methods import evaluate_state, generation_tfidf
     from pipeline.data import me_ppl_texts, sample_records
@@ -268,10 +314,27 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
         ckpt = ckpt_root / f"{m}.safetensors"
         changed: set[str] = set()  # parameters the history has written so far (what the checkpoint holds)
         history: dict[str, torch.Tensor] = {}  # Σ KᵀK of every earlier batch (all active in a stream)
-        if curve:
-            if not ckpt.exists():
-                raise SystemExit(f"error: {curve_path} has {len(curve)} batches but the checkpoint {ckpt} is missing; "
-                                 f"delete {mdir} to start {m} again")
+        if curve and not ckpt.exists():  # a new session: rebuild the history from its committed targets
+            stored = [mdir / "targets" / f"{b + 1:04d}.safetensors" for b in range(len(curve))]
+            if missing := [p.name for p in stored if not p.exists()]:
+                raise SystemExit(f"error: {curve_path} has {len(curve)} batches but neither the checkpoint {ckpt} nor "
+                                 f"the targets {', '.join(missing[:3])} are here; delete {mdir} to start {m} again")
+            for b, path in enumerate(stored):
+                t0 = time.perf_counter()
+                res = edit(model, tok, reqs[b * batch:(b + 1) * batch], method=method, hparams=hp, apply=True,
+                           fingerprint=lm.fingerprint, progress=False, history=history or None, replay=load_targets(path))
+                history = extended(history, res.keys)
+                changed |= set(res.deltas)
+                state = model.state_dict()
+                drift = max(abs(float(state[k].double().norm() / base_state[k].double().norm()) - r)
+                            for k, r in curve[b]["norm_ratio"].items())
+                typer.echo(f"{m}: rebuilt batch {b + 1}/{len(curve)} from its targets in {time.perf_counter() - t0:.0f} s "
+                           f"(‖W‖/‖W₀‖ off the recorded curve by {drift:.1e})")
+                if drift > 1e-4:
+                    raise SystemExit(f"error: batch {b + 1} of {m} rebuilt from its targets has ‖W‖/‖W₀‖ {drift:.1e} "
+                                     "off the recorded curve: not the same history (other code or machine)")
+            save_checkpoint(ckpt, state, changed, history)
+        elif curve:
             saved = load_file(ckpt)
             history = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith("history/")}
             weights = {k: v for k, v in saved.items() if "/" not in k}
@@ -298,11 +361,8 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
                    "mean_steps": sum(res.steps) / len(res.steps), "own": pick(own), "retention_n": len(chosen),
                    "retention": pick(ret) if ret else None, "norm_ratio": norms,
                    "max_norm_ratio": max(norms.values()), "me_ppl_50": ppl}
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_suffix(".tmp")
-            save_file({**{k: state[k].detach().contiguous() for k in changed},
-                       **{f"history/{k}": v for k, v in history.items()}}, str(tmp))
-            tmp.replace(ckpt)  # the checkpoint first: a row in curve.jsonl always has its weights
+            save_checkpoint(ckpt, state, changed, history)  # checkpoint and targets first: a row always has them
+            save_targets(mdir / "targets" / f"{b + 1:04d}.safetensors", res)
             append_jsonl(curve_path, row)
             typer.echo(f"{m}: batch {b + 1}/{n // batch} edit {edit_s:.0f} s, own efficacy {own['efficacy']:.2f}, "
                        f"retained efficacy {row['retention']['efficacy'] if ret else float('nan'):.2f}, "

@@ -146,3 +146,31 @@ def test_encore_and_nas_settings_run_through_edit(llama, corpus_path, tmp_path):
     (values,) = nas.values
     for site, z in values.targets.items():  # every target at its unedited-model norm (model = unedited here)
         torch.testing.assert_close(z.norm(dim=-1), values.init[site].norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_history_rebuilt_from_its_recorded_targets_is_bit_identical(llama, corpus_path, tmp_path):
+    """What the lifelong benchmark resumes from in a new session: each batch's targets and prefixes,
+    spread again on the rebuilt weights with the rebuilt history, give the same bits."""
+    from pipeline.editing.driver import Replay
+    from pipeline.editing.history import extended
+
+    model, tok = llama
+    hp = HP.replace(solver="null_space", null_space_share=0.9, null_space_alpha=1e-4, norm_anchor=True)
+    base = copy.deepcopy(model.state_dict())
+    unedited = copy.deepcopy(model)
+    runs, history = [], {}
+    for lo in (0, 2):
+        res = _edit(model, tok, corpus_path, tmp_path, COUNTERFACT_RECORDS[lo:lo + 2], hp, apply=True,
+                    history=history or None, unedited=unedited)
+        runs.append(res)
+        history = extended(history, res.keys)
+    edited = copy.deepcopy(model.state_dict())
+    model.load_state_dict(base)
+    rebuilt: dict = {}
+    for lo, res in zip((0, 2), runs):  # no unedited model needed: the anchored targets are recorded
+        again = _edit(model, tok, corpus_path, tmp_path, COUNTERFACT_RECORDS[lo:lo + 2], hp, apply=True,
+                      history=rebuilt or None, replay=Replay(res.values, res.prefixes))
+        assert again.prefixes == res.prefixes and all(torch.equal(again.deltas[k], res.deltas[k]) for k in res.deltas)
+        rebuilt = extended(rebuilt, again.keys)
+    assert all(torch.equal(model.state_dict()[k], edited[k]) for k in edited)
+    assert all(torch.equal(rebuilt[k], history[k]) for k in history)

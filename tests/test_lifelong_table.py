@@ -95,3 +95,26 @@ def test_streams_are_labelled_and_variants_resolve(ll, tmp_path):
     assert method == "pmet" and hp.solver == "null_space" and hp.v_dtype == "float32" and hp.clamp_norm_factor == 3.0
     with pytest.raises(Exception, match=r"unknown variant 'pmet\+zz'"):
         ll.variant_hparams("pmet+zz", "smollm2-135m-instruct", {})
+
+
+def test_a_batchs_saved_targets_replay_to_the_same_deltas(ll, llama, corpus_path, tmp_path):
+    """The committed ``targets/NNNN.safetensors`` are what a new session rebuilds a stream from."""
+    import copy
+
+    import torch
+
+    import pipeline
+    from conftest import COUNTERFACT_RECORDS
+    from test_constrained import HP
+
+    model, tok = llama
+    hp = HP.replace(solver="null_space", null_space_share=0.9, null_space_alpha=1e-4)
+    run = lambda **kw: pipeline.edit(model, tok, copy.deepcopy(COUNTERFACT_RECORDS[:3]), method="jeep-separate",  # noqa: E731
+                                     hparams=hp.replace(layers=(0, 1), high_layers=(2, 3)), corpus=corpus_path,
+                                     cache_dir=tmp_path, progress=False, **kw)
+    res = run()
+    ll.save_targets(tmp_path / "targets" / "0001.safetensors", res)
+    replay = ll.load_targets(tmp_path / "targets" / "0001.safetensors")
+    assert len(replay.stored) == 2 and replay.prefixes == res.prefixes  # separate optimisation: two passes
+    again = run(replay=replay)
+    assert set(again.deltas) == set(res.deltas) and all(torch.equal(again.deltas[k], res.deltas[k]) for k in res.deltas)

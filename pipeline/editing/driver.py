@@ -88,11 +88,13 @@ def anchor_targets(values: ValueResult, anchors: Mapping[str, torch.Tensor], ski
 
 
 class Replay:
-    """The targets a ``keys_values`` stage recorded, one per pass in order (iteration-major): the
-    recorded passes decide how many iterations ran, so there is no stopping test."""
+    """The targets a ``keys_values`` stage (or an earlier ``edit()``) recorded, one per pass in order
+    (iteration-major): the recorded passes decide how many iterations ran, so there is no stopping
+    test.  ``prefixes``: the context prefixes the targets were found with, where the caller of
+    ``edit()`` must not regenerate them (they are sampled from the model, which has changed since)."""
 
-    def __init__(self, stored: list[ValueResult]):
-        self.stored = stored
+    def __init__(self, stored: list[ValueResult], prefixes: list[str] | None = None):
+        self.stored, self.prefixes = stored, prefixes
 
     def iterations(self, hp: HParams, n_passes: int) -> int:
         if len(self.stored) % n_passes:

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.editing.context import context_prefixes
 from pipeline.editing.covariance import Corpus, second_moments, spectra
-from pipeline.editing.driver import Optimise, drive
+from pipeline.editing.driver import Optimise, Replay, drive
 from pipeline.editing.hparams import HParams, HParamsError
 from pipeline.editing.methods import Method, get_method, sites_of
 from pipeline.editing.neighbors import check_neighbor_requests, select_neighbors
@@ -96,7 +96,7 @@ def validate_inputs(model, tok, requests: list[EditRequest], method: Method, hp:
 def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | dict | None = None, *,
          apply: bool = False, engine: str = "fast", corpus: str | Path | Corpus | None = None,
          cache_dir: str | Path | None = None, fingerprint: str | None = None, progress: bool = True,
-         history: Mapping[str, torch.Tensor] | None = None, unedited=None) -> EditResult:
+         history: Mapping[str, torch.Tensor] | None = None, unedited=None, replay: Replay | None = None) -> EditResult:
     """Edit ``requests`` into ``model`` with ``method``; return the weight deltas and traces.
 
     The model is left unchanged unless ``apply`` is true.  ``engine='reference'`` optimises each
@@ -105,7 +105,9 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
     ``history``: the update rule's state from earlier edits ("role@layer" → Σ K_pᵀ K_p, see
     :mod:`pipeline.editing.solvers`); it is read, never kept.  ``unedited``: the unedited model,
     whose value norms ``norm_anchor`` scales targets to (default: ``model`` itself, right for its
-    first batch only).
+    first batch only).  ``replay``: targets an earlier ``edit()`` found for these requests
+    (``Replay(result.values, result.prefixes)``), spread instead of optimised, so that a history can
+    be rebuilt from its targets without the optimisation (what the ``apply`` stage does for a ledger).
     """
     spec = get_method(method)
     if hparams is None:
@@ -131,7 +133,8 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
                                        hp.cov_max_texts, hp.cov_batch_tokens, hp.cov_dtype, cache, progress)
         timings["covariance_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        prefixes = context_prefixes(model, tokenizer, hp)
+        prefixes = replay.prefixes if replay is not None and replay.prefixes is not None else \
+            context_prefixes(model, tokenizer, hp)
         timings["prefixes_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         chosen = select_neighbors(model, tokenizer, reqs, hp.neighbors) if hp.neighbors else None
@@ -139,8 +142,9 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
         solver = SOLVERS[hp.solver]
         spec_ = spectra(covs, cov_ids, cache) if solver.uses_spectrum else None
         anchors = anchor_norms(unedited if unedited is not None else model, tokenizer, adapter, reqs,
-                               sites_of(spec.resolve(hp))) if hp.norm_anchor else None
-        run = drive(model, tokenizer, adapter, reqs, prefixes, spec, hp, covs, Optimise(engine, chosen, progress, anchors),
+                               sites_of(spec.resolve(hp))) if hp.norm_anchor and replay is None else None
+        source = replay if replay is not None else Optimise(engine, chosen, progress, anchors)
+        run = drive(model, tokenizer, adapter, reqs, prefixes, spec, hp, covs, source,
                     apply=apply, history=history, spectra=spec_, timings=timings)
     finally:
         for p, flag in zip(model.parameters(), grad_flags):
