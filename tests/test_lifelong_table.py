@@ -118,3 +118,15 @@ def test_a_batchs_saved_targets_replay_to_the_same_deltas(ll, llama, corpus_path
     assert len(replay.stored) == 2 and replay.prefixes == res.prefixes  # separate optimisation: two passes
     again = run(replay=replay)
     assert set(again.deltas) == set(res.deltas) and all(torch.equal(again.deltas[k], res.deltas[k]) for k in res.deltas)
+
+
+def test_a_checkpoint_round_trips_weights_and_history(ll, tmp_path):
+    import torch
+
+    state = {"a.weight": torch.randn(3, 4), "b.weight": torch.randn(2, 2)}
+    history = {"mlp_out@1": torch.randn(4, 4, dtype=torch.float64)}
+    ll.save_checkpoint(tmp_path / "c.safetensors", state, {"a.weight"}, history)
+    weights, again = ll.load_checkpoint(tmp_path / "c.safetensors")
+    assert set(weights) == {"a.weight"} and torch.equal(weights["a.weight"], state["a.weight"])
+    assert set(again) == set(history) and torch.equal(again["mlp_out@1"], history["mlp_out@1"])
+    assert ll.norm_ratios({"w": 2 * torch.ones(2)}, {"w": torch.ones(2)}, {"w"}) == {"w": 2.0}
