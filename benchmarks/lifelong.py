@@ -68,6 +68,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "jeep+ns": ("jeep", NULL_SPACE),
     # ENCORE (Gupta et al. 2025): most-probable early stopping + the norm term; NAS: norm anchors
     "memit+encore": ("memit", {"argmax_stop_steps": 2, "norm_weight": 10.0}),
+    # the joint rule: every batch solved together with the keys of all earlier ones (= one batch of all)
+    "memit+joint": ("memit", {"solver": "joint"}),
+    "pmet+joint": ("pmet", {"solver": "joint"}),
+    "memit+joint+mpes": ("memit", {"solver": "joint", "argmax_stop_steps": 2}),
     "pmet+nas": ("pmet", {"norm_anchor": True, "norm_anchor_skip": 3.0}),
     "pmet+ns+nas": ("pmet", {**NULL_SPACE, "norm_anchor": True, "norm_anchor_skip": 3.0}),
 }

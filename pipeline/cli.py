@@ -341,16 +341,23 @@ def verify(replay: bool = typer.Option(False, "--replay", help="also rebuild the
 
 
 @app.command()
-def report(out: Path = typer.Option(Path("reports/latest"), "--out", help="output directory")):
+def report(out: Path = typer.Option(Path("reports/latest"), "--out", help="output directory"),
+           as_json: bool = typer.Option(False, "--json", help="print the headline numbers as JSON")):
     """Write the history report: index.html (self-contained: plots embedded, renders offline),
-    summary.parquet (row 0 = the unedited model, then one row per batch), summary.json, history.csv."""
-    from pipeline.stages.summary import write_summary
+    summary.parquet (row 0 = the unedited model, then one row per batch), summary.json, history.csv;
+    print its headline numbers in a few lines."""
+    from pipeline.stages.summary import summary_lines, write_summary
 
     project = _project()
     out = out if out.is_absolute() else Path.cwd() / out
     metrics = _guard(write_summary, project.ledger, out)
-    typer.echo(json.dumps(metrics, indent=2))
-    typer.echo(f"wrote {out / 'index.html'}")
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    for line in summary_lines(metrics):
+        typer.echo(line)
+    shown = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
+    typer.echo(f"report: {shown / 'index.html'}   (these numbers as JSON: editledger report --json)")
 
 
 # ------------------------------------------------------------------------------------------- probes
@@ -457,9 +464,10 @@ def stage_evaluate(batch: Path = typer.Option(Path("."), "--batch", help="the ba
     from pipeline.stages import evaluate as stage
 
     doc = _guard(stage.run, batch)
-    pre, post = doc["pre"], doc["post"]
-    typer.echo(f"{doc['dir']}: " + "  ".join(f"{k} {pre[k]}→{post[k]}" for k in ("efficacy", "generalization",
-                                                                                  "specificity")))
+    pre, post, ppl, t = doc["pre"], doc["post"], doc["perplexity"], doc["timings"]
+    typer.echo(f"{doc['dir']}: " + "  ".join(f"{k} {pre[k]:.3f}→{post[k]:.3f}" for k in ("efficacy", "generalization",
+                                                                                          "specificity"))
+               + f"  ME-PPL-50 {ppl['base']:.1f}→{ppl['post']:.1f}  ({t['total_s']:.0f} s)")
 
 
 @stage_app.command("probe")

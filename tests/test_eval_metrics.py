@@ -25,7 +25,7 @@ from pipeline.evaluation.protocols import evaluate
 from pipeline.evaluation.retention import Candidate, RetentionSettings, plan
 from pipeline.evaluation.suite import CONSISTENCY_KEY, evaluate_state
 from pipeline.models.adapters import adapter_for
-from pipeline.stages.summary import COLUMNS, METRICS, history_table, summary_metrics
+from pipeline.stages.summary import COLUMNS, METRICS, history_table, summary_lines, summary_metrics
 
 WORDS = (" English", " French", " Islam", " piano", " guitar", " Sweden", " Spain", " language", " religion")
 
@@ -239,6 +239,19 @@ def test_summary_row_0_is_the_unedited_model():
     assert m["batches"] == 3 and m["base"]["efficacy"] == pytest.approx(0.425) and m["base"]["ppl"] == 20.0
     assert m["last"]["seq"] == 2 and m["last"]["ret_efficacy"] == 0.8 and m["last"]["ppl"] == 22.0
     assert set(m["base"]) <= set(METRICS) | {"ppl"}
+
+
+def test_the_printed_summary_says_what_is_active_how_it_scores_and_the_collapse_check():
+    frame = _ledger_frame()
+    frame.loc[frame["seq"] == 1, "active"] = False  # the revert (seq 3) left only batch 2 active
+    m = summary_metrics(history_table(frame))
+    assert m["active_base"]["efficacy"] == 0.5 and m["active_post"]["efficacy"] == 1.0
+    lines = summary_lines(m)
+    assert lines[0] == "3 batches (3 committed, 0 refused by the collapse guard), 30 edits active in 1 batches"
+    assert "efficacy 0.500 → 1.000" in lines[1]
+    assert lines[2].strip() == "earlier edits kept after batch 2:  efficacy 0.800"
+    assert lines[3].strip() == "ME-PPL-50 (collapse check): 20.0 unedited → 22.0 now (1.10×)"
+    assert len("\n".join(lines)) < 600  # a glance, not a dump
 
 
 def test_report_page_is_self_contained():

@@ -11,7 +11,7 @@ import torch
 import pipeline
 from conftest import COUNTERFACT_RECORDS
 from pipeline.editing.hparams import HParams, HParamsError
-from pipeline.editing.solvers import SOLVERS, Solver, closed_form_update
+from pipeline.editing.solvers import SOLVERS, LayerSystem, Solver, closed_form_update
 from pipeline.ledger.entry import edit_content, entry_id
 from pipeline.models.adapters import adapter_for
 from pipeline.requests import parse_requests
@@ -47,7 +47,7 @@ def test_a_registered_rule_is_selected_by_its_name_and_gets_the_history(llama, c
 
 
 def test_an_unknown_rule_is_rejected_and_the_rule_is_hashed():
-    with pytest.raises(HParamsError, match="solver must be one of closed_form, null_space"):
+    with pytest.raises(HParamsError, match="solver must be one of closed_form, joint, null_space"):
         HP.replace(solver="nope")
     assert "solver" not in HP.to_dict()  # the default: old entries keep their ids
     reqs = parse_requests(copy.deepcopy(COUNTERFACT_RECORDS[:1]))
@@ -80,3 +80,32 @@ def test_adding_a_field_with_a_default_changes_no_canonical_form():
     for hp in (HParams(layers=(1, 2)), HP, HP.replace(iterative=True, neighbors=2)):
         assert later(**vars(hp)).to_dict() == hp.to_dict()
     assert later(layers=(1, 2), brand_new_weight=2.0).to_dict() == {**FORM_1, "brand_new_weight": 2.0}
+
+
+def test_the_joint_rule_applied_batch_after_batch_equals_one_batch_of_every_request():
+    """Recursive least squares: with residuals read on the current weights and the earlier keys in
+    the normal matrix, three sequential updates sum to the single solve over all three batches from
+    the unedited weights; the plain closed form (each batch regularised on its own) does not."""
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, lam = 12, 7, 3.0
+    a = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    cov = a @ a.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64)
+    w0 = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    batches = [(torch.randn(n, d_in, generator=g, dtype=torch.float64),
+                torch.randn(n, d_out, generator=g, dtype=torch.float64)) for n in (4, 5, 3)]
+    hp = HP.replace(solver="joint")
+
+    def stream(rule: str) -> torch.Tensor:
+        w, history = w0.clone(), None
+        for keys, values in batches:
+            system = LayerSystem(keys, values - keys @ w.T, cov, lam, history)
+            upd, _ = SOLVERS[rule].solve(system, hp)
+            w += upd
+            history = keys.T @ keys if history is None else history + keys.T @ keys
+        return w
+
+    k_all = torch.cat([k for k, _ in batches])
+    r0 = torch.cat([v for _, v in batches]) - k_all @ w0.T
+    one_batch = w0 + closed_form_update(k_all, r0, cov, lam)
+    torch.testing.assert_close(stream("joint"), one_batch, rtol=1e-10, atol=1e-10)
+    assert (stream("closed_form") - one_batch).abs().max() > 1e-2

@@ -203,12 +203,12 @@ class HParams:
     @property
     def modifier_label(self) -> str:
         """``'+iterative+na1'`` / ``'+nap2'`` / ``'+ns+nas'`` / ``''``: how ``log`` and the tables name a
-        batch's modifiers and norm controls (``ns`` null space, ``nc`` ENCORE's norm term, ``mpes``
-        its early stop, ``nas`` norm anchoring)."""
+        batch's modifiers and norm controls (the update rule's label, e.g. ``ns`` null space, ``jt``
+        joint; ``nc`` ENCORE's norm term, ``mpes`` its early stop, ``nas`` norm anchoring)."""
         label = "+iterative" if self.iterative else ""
         if self.neighbors:
             label += f"+{'nap' if self.neighbor_prefixes else 'na'}{self.neighbors}"
-        for on, name in ((self.solver == "null_space", "ns"), (self.norm_weight > 0, "nc"),
+        for on, name in ((bool(SOLVERS[self.solver].label), SOLVERS[self.solver].label), (self.norm_weight > 0, "nc"),
                          (self.argmax_stop_steps > 0, "mpes"), (self.norm_anchor, "nas")):
             label += f"+{name}" if on else ""
         return label

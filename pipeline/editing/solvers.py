@@ -12,6 +12,14 @@ entry here plus the hyper-parameters it reads.
 ``λₙ = norm_weight`` is ENCORE's norm term (Gupta et al. 2025), 0 by default.  Solved (Cholesky,
 float64), never inverted.
 
+``joint``: the closed form with the earlier edits' keys kept as well,
+``Δ = Rᵀ K (λC + K_pᵀK_p + KᵀK + λₙI)⁻¹``.  With ``R`` read on the current model this is recursive
+least squares: applied batch after batch, the summed change equals editing every request of the
+history in *one* batch from the unedited weights, ``Δ_total = R₀ᵀ K_all (λC + K_allᵀK_all)⁻¹``
+(``R₀`` against the unedited weights; keys as recorded), instead of a sum of separately regularised
+batches whose errors add up (tests/test_solvers.py checks the identity).  A stream then costs the
+model what one batch of all its requests would.
+
 ``null_space`` (AlphaEdit, Fang et al. 2025): the update is confined to the null space of the
 preserved knowledge, ``P = U₀U₀ᵀ`` over the eigenvectors of ``C`` with the smallest eigenvalues
 (the share ``null_space_share`` of them), and also keeps the keys of the earlier edits still active
@@ -49,6 +57,7 @@ class Solver:
     solve: Callable[[LayerSystem, Any], tuple[torch.Tensor, dict]]
     uses_spectrum: bool = False  # the caller supplies LayerSystem.spectrum (cached per covariance)
     uses_history: bool = False  # the update depends on LayerSystem.history
+    label: str = ""  # how `log` and the tables name it among a batch's modifiers ('' = the default rule)
 
 
 def _solve_spd(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -59,11 +68,14 @@ def _solve_spd(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def closed_form_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float,
-                       norm_weight: float = 0.0) -> torch.Tensor:
-    """``Δ [d_out, d_in]`` for keys ``[N, d_in]`` and residuals ``[N, d_out]`` (float64 result)."""
+                       norm_weight: float = 0.0, history: torch.Tensor | None = None) -> torch.Tensor:
+    """``Δ [d_out, d_in]`` for keys ``[N, d_in]`` and residuals ``[N, d_out]`` (float64 result);
+    ``history`` (Σ K_pᵀK_p) adds the earlier edits' keys to the preserved ones."""
     k = keys.double()
     r = resid.double()
     a = lam * cov.double().to(k.device) + k.T @ k
+    if history is not None:
+        a = a + history.double().to(k.device)
     if norm_weight:
         a = a + norm_weight * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     return _solve_spd(a, k.T @ r).T  # rhs [d_in, d_out]
@@ -93,6 +105,10 @@ def closed_form(system: LayerSystem, hp: Any) -> tuple[torch.Tensor, dict]:
     return closed_form_update(system.keys, system.resid, system.cov, system.lam, hp.norm_weight), {}
 
 
+def joint(system: LayerSystem, hp: Any) -> tuple[torch.Tensor, dict]:
+    return closed_form_update(system.keys, system.resid, system.cov, system.lam, hp.norm_weight, system.history), {}
+
+
 def null_space(system: LayerSystem, hp: Any) -> tuple[torch.Tensor, dict]:
     if system.spectrum is None:
         raise ValueError("the null_space rule needs the covariance's spectrum")
@@ -103,5 +119,6 @@ def null_space(system: LayerSystem, hp: Any) -> tuple[torch.Tensor, dict]:
 
 SOLVERS: dict[str, Solver] = {
     "closed_form": Solver(closed_form),
-    "null_space": Solver(null_space, uses_spectrum=True, uses_history=True),
+    "joint": Solver(joint, uses_history=True, label="jt"),
+    "null_space": Solver(null_space, uses_spectrum=True, uses_history=True, label="ns"),
 }

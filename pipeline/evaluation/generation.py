@@ -6,8 +6,11 @@ seed and a caller-given key (record id + prompt number): a record's text does no
 other records share its batch, on the batch size, or on the order of evaluation.  (Padding other
 sequences into the batch changes the floating-point logits in the last bits, which could flip a
 draw that falls exactly on a boundary; for a fixed request set and settings the output is
-bit-identical.)  Draws are made on the CPU from the top-k probabilities, so the same generator
-stream is used on any device.
+bit-identical.)  Decoding prompts of one length only, without padding, would remove even that,
+but costs 2–10× more decoding steps on a batch of 10–100 records, so it is not done; with the
+evaluation cache (:mod:`pipeline.evaluation.cache`) a state's text of a prompt is computed once and
+read back whatever batch asks for it again.  Draws are made on the CPU from the top-k
+probabilities, so the same generator stream is used on any device.
 
 Prompts are left-padded (position ids skip the padding) and decoded with a KV cache; logits are
 computed only for the last position.  A sequence ends at the tokenizer's EOS or after
@@ -90,16 +93,24 @@ def _generate_batch(model, tok, prompts: list[list[int]], gens: list[torch.Gener
     return new
 
 
-def generate(model, tok, prompts: Sequence[str], keys: Sequence[str], settings: DecodingSettings) -> list[str]:
-    """``prompt + continuation`` for every prompt; ``keys[i]`` seeds sequence i (see the module doc)."""
+def generate(model, tok, prompts: Sequence[str], keys: Sequence[str], settings: DecodingSettings,
+             cache=None) -> list[str]:
+    """``prompt + continuation`` for every prompt; ``keys[i]`` seeds sequence i (see the module doc).
+    ``cache``: a :class:`~pipeline.evaluation.cache.StateCache` of the model's state, read and filled."""
     if len(prompts) != len(keys):
         raise ValueError("generate needs one key per prompt")
-    encoded = [encode_prompt(tok, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))  # little padding
-    texts: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), settings.batch_size):
-        idx = order[start : start + settings.batch_size]
-        gens = [torch.Generator().manual_seed(sequence_seed(settings.seed, keys[i])) for i in idx]
-        for i, cont in zip(idx, _generate_batch(model, tok, [encoded[i] for i in idx], gens, settings)):
-            texts[i] = prompts[i] + tok.decode(cont, skip_special_tokens=True)
-    return texts
+    asked = [[encode_prompt(tok, p), sequence_seed(settings.seed, k), tok.eos_token_id, settings.top_k,
+              settings.max_new_tokens] for p, k in zip(prompts, keys)]
+
+    def run(todo: list) -> list[list[int]]:
+        order = sorted(range(len(todo)), key=lambda i: (len(todo[i][0]), i))  # little padding
+        out: list[list[int]] = [[] for _ in todo]
+        for start in range(0, len(order), settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            gens = [torch.Generator().manual_seed(todo[i][1]) for i in idx]
+            for i, cont in zip(idx, _generate_batch(model, tok, [todo[i][0] for i in idx], gens, settings)):
+                out[i] = cont
+        return out
+
+    conts = run(asked) if cache is None else cache.cached("generation", asked, run)
+    return [p + tok.decode(c, skip_special_tokens=True) for p, c in zip(prompts, conts)]

@@ -18,18 +18,26 @@ from pipeline.tokens import pad_right
 from pipeline.models.adapters import adapter_for
 
 
-@torch.no_grad()
-def perplexity(model, tok, texts: list[str], max_length: int = 256, batch_size: int = 8) -> float:
-    """Token-level perplexity of ``model`` on ``texts`` (see the module docstring)."""
+def perplexity(model, tok, texts: list[str], max_length: int = 256, batch_size: int = 8, cache=None) -> float:
+    """Token-level perplexity of ``model`` on ``texts`` (see the module docstring); ``cache``: the
+    :class:`~pipeline.evaluation.cache.StateCache` of the model's state."""
     if not texts:
         raise ValueError("perplexity needs at least one text")
-    adapter = adapter_for(model)
-    backbone = adapter.module(model, "backbone")
-    device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     encoded = [tok(t)["input_ids"][:max_length] for t in texts]
     if any(len(e) < 2 for e in encoded):
         raise ValueError("every perplexity text needs at least two tokens")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if cache is None:
+        return _perplexity(model, encoded, pad, batch_size)
+    return cache.cached("perplexity", [[encoded, pad, batch_size]],
+                        lambda todo: [_perplexity(model, *todo[0])])[0]
+
+
+@torch.no_grad()
+def _perplexity(model, encoded: list[list[int]], pad: int, batch_size: int) -> float:
+    adapter = adapter_for(model)
+    backbone = adapter.module(model, "backbone")
+    device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     nll, count = 0.0, 0
     for start in range(0, len(order), batch_size):

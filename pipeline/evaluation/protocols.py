@@ -48,15 +48,17 @@ def zsre_rows(req: EditRequest, index: int) -> list[dict]:
     return rows
 
 
-def evaluate_counterfact(model, tok, requests: list[EditRequest],
-                         editing_neighbors: list[list[int]] | None = None) -> tuple[dict, pd.DataFrame]:
+def evaluate_counterfact(model, tok, requests: list[EditRequest], editing_neighbors: list[list[int]] | None = None,
+                         cache=None) -> tuple[dict, pd.DataFrame]:
     _check_exclusions(requests, editing_neighbors)
     rows = [row for i, r in enumerate(requests)
             for row in counterfact_rows(r, i, editing_neighbors[i] if editing_neighbors else ())]
     if any(r["target_true"] is None for r in rows):
         raise ValueError("CounterFact evaluation needs target_true on every request")
-    new = score_pairs(model, tok, [(r["prompt"], r["target_new"]) for r in rows])
-    true = score_pairs(model, tok, [(r["prompt"], r["target_true"]) for r in rows])
+    # one call for both answers: they mostly share the prompt's forward (pipeline.evaluation.scoring)
+    both = score_pairs(model, tok, [(r["prompt"], r["target_new"]) for r in rows] +
+                       [(r["prompt"], r["target_true"]) for r in rows], cache=cache)
+    new, true = both.split(len(rows))
     df = pd.DataFrame(rows)
     df["logp_new"], df["logp_true"] = new.mean_logprob.numpy(), true.mean_logprob.numpy()
     df["p_new"], df["p_true"] = new.mean_prob.numpy(), true.mean_prob.numpy()
@@ -77,9 +79,9 @@ def evaluate_counterfact(model, tok, requests: list[EditRequest],
     return metrics, df
 
 
-def evaluate_zsre(model, tok, requests: list[EditRequest]) -> tuple[dict, pd.DataFrame]:
+def evaluate_zsre(model, tok, requests: list[EditRequest], cache=None) -> tuple[dict, pd.DataFrame]:
     rows = [row for i, r in enumerate(requests) for row in zsre_rows(r, i)]
-    sc = score_pairs(model, tok, [(r["prompt"], r["answer"]) for r in rows])
+    sc = score_pairs(model, tok, [(r["prompt"], r["answer"]) for r in rows], cache=cache)
     df = pd.DataFrame(rows)
     df["logp"], df["token_accuracy"] = sc.mean_logprob.numpy(), sc.token_correct.numpy()
     df["p"], df["rank"] = sc.mean_prob.numpy(), sc.first_rank.numpy()
@@ -111,17 +113,18 @@ def protocol_of(req: EditRequest) -> str | None:
     return "zsre" if req.fmt == "zsre" else None
 
 
-def evaluate(model, tok, requests: list[EditRequest],
-             editing_neighbors: list[list[int]] | None = None) -> tuple[dict, pd.DataFrame]:
+def evaluate(model, tok, requests: list[EditRequest], editing_neighbors: list[list[int]] | None = None,
+             cache=None) -> tuple[dict, pd.DataFrame]:
     """Dispatch on the requests' format (all of one batch must share it); ``editing_neighbors``
-    (CounterFact only) leaves the neighbour prompts used for editing out of specificity."""
+    (CounterFact only) leaves the neighbour prompts used for editing out of specificity; ``cache``:
+    the :class:`~pipeline.evaluation.cache.StateCache` of the model's state."""
     protocols = {protocol_of(r) for r in requests}
     if None in protocols:
         raise ValueError("plain requests without target_true have no evaluation protocol")
     if len(protocols) != 1:
         raise ValueError(f"cannot evaluate a batch mixing formats {sorted({r.fmt for r in requests})}")
     if protocols == {"counterfact"}:
-        return evaluate_counterfact(model, tok, requests, editing_neighbors)
+        return evaluate_counterfact(model, tok, requests, editing_neighbors, cache)
     if editing_neighbors is not None:
         raise ValueError("editing_neighbors applies to CounterFact requests only")
-    return evaluate_zsre(model, tok, requests)
+    return evaluate_zsre(model, tok, requests, cache)

@@ -66,8 +66,8 @@ def reference_text(req: EditRequest) -> str | None:
     return " ".join(f"{p} {req.target_new}" for p in prompts) or None
 
 
-def generation_metrics(model, tok, requests: list[EditRequest], settings: DecodingSettings,
-                       tfidf: Tfidf) -> tuple[dict, pd.DataFrame]:
+def generation_metrics(model, tok, requests: list[EditRequest], settings: DecodingSettings, tfidf: Tfidf,
+                       cache=None) -> tuple[dict, pd.DataFrame]:
     """Fluency and consistency of the requests that have ``generation_prompts`` (per record, then
     averaged over records, as ROME/MEMIT); one Parquet row per generation."""
     rows = []
@@ -79,7 +79,7 @@ def generation_metrics(model, tok, requests: list[EditRequest], settings: Decodi
     if not rows:
         return {}, pd.DataFrame()
     df = pd.DataFrame(rows)
-    df["generation"] = generate(model, tok, list(df["prompt"]), list(df["key"]), settings)
+    df["generation"] = generate(model, tok, list(df["prompt"]), list(df["key"]), settings, cache)
     df["ngram_entropy"] = [ngram_entropy(t) for t in df["generation"]]
     per_record = []
     for i, texts in df.groupby("request", sort=True)["generation"]:
@@ -92,17 +92,18 @@ def generation_metrics(model, tok, requests: list[EditRequest], settings: Decodi
 
 
 def evaluate_state(model, tok, requests: list[EditRequest], settings: DecodingSettings, tfidf: Tfidf | None,
-                   editing_neighbors: list[list[int]] | None = None) -> tuple[dict, pd.DataFrame]:
+                   editing_neighbors: list[list[int]] | None = None, cache=None) -> tuple[dict, pd.DataFrame]:
     """One protocol's metrics of ``model`` on ``requests`` (all of one protocol); with ``tfidf``
     also the generation metrics (CounterFact only).  ``editing_neighbors``: the neighbourhood
-    prompts a neighbour-assisted edit trained on, left out of specificity."""
+    prompts a neighbour-assisted edit trained on, left out of specificity.  ``cache``: the
+    :class:`~pipeline.evaluation.cache.StateCache` of the model's state (None: compute everything)."""
     protocol = {protocol_of(r) for r in requests}
     if len(protocol) != 1 or None in protocol:
         raise ValueError(f"evaluate_state needs requests of one protocol, got {sorted(map(str, protocol))}")
     protocol = protocol.pop()
-    metrics, df = evaluate(model, tok, requests, editing_neighbors)
+    metrics, df = evaluate(model, tok, requests, editing_neighbors, cache)
     if tfidf is not None and protocol == "counterfact":
-        gen, gdf = generation_metrics(model, tok, requests, settings, tfidf)
+        gen, gdf = generation_metrics(model, tok, requests, settings, tfidf, cache)
         metrics.update(gen)
         df = pd.concat([df, gdf], ignore_index=True) if len(gdf) else df
     return metrics, df

@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.evaluation.cache import StateCache
 from pipeline.evaluation.perplexity import perplexity
 from pipeline.evaluation.protocols import protocol_of
 from pipeline.evaluation.retention import Candidate, plan
@@ -63,7 +64,14 @@ def retention_candidates(chain: list, active: tuple[str, ...]) -> tuple[list[Can
     return cands, reqs, neighbors
 
 
+def after(chain: list, dirname: str) -> str:
+    """The recorded full-model fingerprint of the state right after the entry in ``dirname``: what
+    the evaluation cache keys that state's results on (materialize has checked it)."""
+    return next(e for e in chain if e.dirname == dirname).fingerprints["after"]["model"]
+
+
 def run(batch_dir: str | Path) -> dict:
+    start = time.perf_counter()
     batch_dir = Path(batch_dir).resolve()
     project = Project.of_batch(batch_dir)
     batch = read_batch(batch_dir)
@@ -86,10 +94,10 @@ def run(batch_dir: str | Path) -> dict:
     ppl: dict[str, float] = {}
     rows, timings = [], {}
 
-    def measure(phase: str, model, generation: bool) -> None:
+    def measure(phase: str, model, cache, generation: bool) -> None:
         t0 = time.perf_counter()
         metrics, df = evaluate_state(model, tok, reqs, settings.generation, tfidf if generation else None,
-                                     editing_neighbors)
+                                     editing_neighbors, cache)
         results[phase] = finite(metrics)
         rows.append(df.assign(phase=phase))
         timings[f"{phase}_s"] = time.perf_counter() - t0
@@ -98,20 +106,23 @@ def run(batch_dir: str | Path) -> dict:
         model = copy.deepcopy(lm.model)
         return materialize(project.ledger, upto, model, inplace=True)
 
-    measure("base", lm.model, generation=True)
+    base_cache = StateCache.of(lm.model, lm.fingerprint)
+    measure("base", lm.model, base_cache, generation=True)
     t0 = time.perf_counter()
-    ppl["base"] = perplexity(lm.model, tok, texts, settings.ppl_max_length)
+    ppl["base"] = perplexity(lm.model, tok, texts, settings.ppl_max_length, cache=base_cache)
     timings["perplexity_base_s"] = time.perf_counter() - t0
     if batch.parent is None:  # the parent state is the unedited model
         results["pre"] = {k: v for k, v in results["base"].items() if k not in ("fluency", "n_generations")
                           and not k.startswith("consistency")}
         rows.append(rows[0][rows[0]["kind"] != "generation"].assign(phase="pre"))
     else:
-        measure("pre", state(batch.parent), generation=False)
+        parent = state(batch.parent)
+        measure("pre", parent, StateCache.of(parent, after(chain, batch.parent)), generation=False)
     model = state(batch_dir.name)
-    measure("post", model, generation=True)
+    post_cache = StateCache.of(model, after(chain, batch_dir.name))
+    measure("post", model, post_cache, generation=True)
     t0 = time.perf_counter()
-    ppl["post"] = perplexity(model, tok, texts, settings.ppl_max_length)
+    ppl["post"] = perplexity(model, tok, texts, settings.ppl_max_length, cache=post_cache)
     timings["perplexity_post_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -124,13 +135,14 @@ def run(batch_dir: str | Path) -> dict:
         excluded = [used[rp.chosen[i]] for i in positions]
         metrics, df = evaluate_state(model, tok, group, settings.generation,
                                      tfidf if settings.retention.generation else None,
-                                     excluded if any(excluded) else None)
+                                     excluded if any(excluded) else None, post_cache)
         retention["metrics"][protocol] = finite(metrics)
         origin = [rp.chosen[positions[i]] for i in df["request"]]
         rows.append(df.assign(phase="retention", batch=[c.batch for c in origin],
                               request=[c.index for c in origin]))
     timings["retention_s"] = time.perf_counter() - t0
 
+    timings["total_s"] = time.perf_counter() - start
     doc = {"method": batch.method, "n_requests": len(reqs), "protocol": protocol_of(reqs[0]),
            "base": results["base"], "pre": results["pre"], "post": results["post"], "retention": retention,
            "perplexity": {"dataset": "ME-PPL-50", "n_texts": len(texts), "max_length": settings.ppl_max_length,

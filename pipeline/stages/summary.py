@@ -200,8 +200,32 @@ def summary_metrics(history: pd.DataFrame) -> dict:
                               **{f"ret_{m}": r[f"ret_{m}"] for m in METRICS}})
     active = edits.dropna(subset=["post_efficacy"])
     if len(active):
+        out["active_base"] = _clean({m: _pooled(active, f"base_{m}") for m in METRICS})
         out["active_post"] = _clean({m: _pooled(active, f"post_{m}") for m in METRICS})
     return out
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """:func:`summary_metrics` as a person reads it at a glance: what is active, how the active edits
+    do on the unedited model and right after their batch, how the latest state keeps the earlier
+    edits, and whether the model is still healthy (ME-PPL-50)."""
+    def arrow(a: dict, b: dict, keys=("efficacy", "generalization", "specificity")) -> str:
+        return "  ".join(f"{k} {a[k]:.3f} → {b[k]:.3f}" for k in keys if k in a and k in b)
+
+    lines = [f"{metrics['batches']} batches ({metrics['committed']} committed, {metrics['refused']} refused by the "
+             f"collapse guard), {metrics['active_requests']} edits active in {metrics['active_batches']} batches"
+             + ("  [approximate state: a fast drop]" if metrics.get("approximate") else "")]
+    if "active_post" in metrics:
+        lines.append(f"  active edits, unedited → after their batch:  {arrow(metrics['active_base'], metrics['active_post'])}")
+    last = metrics.get("last", {})
+    if "ret_efficacy" in last:
+        lines.append(f"  earlier edits kept after batch {last['seq']}:  " +
+                     "  ".join(f"{k} {last[f'ret_{k}']:.3f}" for k in ("efficacy", "generalization", "specificity")
+                               if f"ret_{k}" in last))
+    if "ppl" in metrics.get("base", {}) and "ppl" in last:
+        lines.append(f"  ME-PPL-50 (collapse check): {metrics['base']['ppl']:.1f} unedited → {last['ppl']:.1f} now "
+                     f"({last['ppl'] / metrics['base']['ppl']:.2f}×)")
+    return lines
 
 
 def latest_settings(ledger_dir: str | Path, history: pd.DataFrame) -> dict | None:
