@@ -74,7 +74,16 @@ def test_gguf_of_a_real_edit_carries_the_base_metadata(ledger):
     read = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file="edited.gguf", dtype=torch.float32)
     diff, scale = _diff(read, edited, ids)
     assert diff <= 1e-6 * scale
-    source, ours = gguf.GGUFReader(find_default_gguf()).fields, gguf.GGUFReader(tmp / "edited.gguf").fields
+    source_file, our_file = gguf.GGUFReader(find_default_gguf()), gguf.GGUFReader(tmp / "edited.gguf")
+    # the layout is the packaged file's: unedited tensors are its dequantised values, bit for bit (the
+    # Q/K rows in llama.cpp's rotary order again, after transformers' loader reversed it for the base)
+    theirs, written = ({t.name: t for t in f.tensors} for f in (source_file, our_file))
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight", "token_embd.weight"):
+        t = theirs[name]
+        assert np.array_equal(gguf.dequantize(t.data, t.tensor_type), written[name].data), name
+    assert not np.array_equal(gguf.dequantize(theirs["blk.3.ffn_down.weight"].data, theirs["blk.3.ffn_down.weight"]
+                                              .tensor_type), written["blk.3.ffn_down.weight"].data)  # edited
+    source, ours = source_file.fields, our_file.fields
     skip = {"general.file_type", "general.quantization_version"}
     carried = {k for k in source if not k.startswith("GGUF.") and k not in skip}
     assert all(ours[k].contents() == source[k].contents() for k in carried)  # tokenizer, chat template, ...
