@@ -38,12 +38,14 @@ def _user_errors():
     from pipeline.models.loading import ModelLoadError
 
     from pipeline.data import DataError
+    from pipeline.export.files import ExportError
     from pipeline.ledger.errors import LedgerError
     from pipeline.stages.common import StageError
     from pipeline.stages.probes import ProbeError
 
     return (DataError, ParamsError, HParamsError, MethodError, RequestError, AdapterError, ModelLoadError,
-            CovarianceCacheError, OptimisationError, LedgerError, StageError, ProbeError, UserError, FileNotFoundError)
+            CovarianceCacheError, OptimisationError, LedgerError, StageError, ProbeError, ExportError, UserError,
+            FileNotFoundError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -324,6 +326,38 @@ def _materialize(ref, out):
     typer.echo(f"wrote the state after {ref} to {out}")
 
 
+@app.command("export")
+def export_state(
+    ref: str = typer.Argument(..., metavar="ID", help="entry (seq, directory, id prefix) or 'head'"),
+    out: Path = typer.Argument(..., metavar="OUT", help="peft: new (or empty) directory; gguf: new file (OUT.gguf)"),
+    fmt: str = typer.Option(..., "--format", help="peft (LoRA adapter on the base model) | gguf (the whole model)"),
+    dtype: str = typer.Option("f32", "--dtype", help="gguf: f32 | f16 (peft: f32)"),
+    rtol: float = typer.Option(None, "--rtol", help="peft: rank tolerance relative to the largest singular value "
+                                                     "(default max(m, n)·ε_float32)"),
+    check: bool = typer.Option(True, "--check/--no-check", help="read the export back (PEFT / transformers) and "
+                                                                "compare logits before writing it"),
+):
+    """Write the state after ID as a PEFT LoRA adapter or a GGUF file (checked by reading it back)."""
+    from pipeline.export import ExportRequest
+    from pipeline.stages.export import run_export
+
+    req = ExportRequest(ref, fmt, out, dtype, rtol, check)
+    r = _guard(run_export, _project(), req)
+    if fmt == "peft":
+        ranks = sorted({m["rank"] for m in r["modules"].values()})
+        rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+        what = f"PEFT LoRA adapter, {len(r['modules'])} matrices of rank {rank}, {r['lora_parameters']:,} parameters"
+    else:
+        what = f"GGUF {dtype}, {r['tensors']} tensors, metadata {r['metadata']}"
+    typer.echo(f"wrote {out}: the state after entry {r['entry_dir']} ({r['entry_id'][:12]}) as a {what}; "
+               f"{r['bytes']:,} bytes (base model: {r['model_parameters']:,} parameters)")
+    if "round_trip" in r:
+        rt = r["round_trip"]
+        typer.echo(f"read back with {rt['reader']}: max |Δ logit| {rt['max_abs_diff']:.3g} ≤ {rt['tolerance']:.3g} "
+                   f"on {rt['tokens']} tokens" + (f" (float16 storage itself: {rt['rounding_max_abs_diff']:.3g})"
+                                                   if "rounding_max_abs_diff" in rt else ""))
+
+
 @app.command()
 def verify(replay: bool = typer.Option(False, "--replay", help="also rebuild the weights and check them bit for bit")):
     """Recompute the hash chain (and with --replay the weights); exit 1 naming the first bad entry."""
@@ -484,6 +518,15 @@ def stage_probe(kind: str = typer.Option(..., "--kind", help="similarity | logit
         return run_probe(kind, lm.model, lm.tokenizer, records, project.root / "reports" / "probes")
 
     typer.echo(f"wrote {_guard(_run)}")
+
+
+@stage_app.command("export")
+def stage_export(fmt: str = typer.Option(..., "--format", help="peft | gguf")):
+    """The state after params.yaml's export.entry as exports/<format>/ (the optional export stage)."""
+    from pipeline.stages import export as stage
+
+    r = _guard(stage.run, _project(), fmt)
+    typer.echo(f"exports/{fmt}: the state after entry {r['entry_dir']} ({r['entry_id'][:12]}), {r['bytes']:,} bytes")
 
 
 @stage_app.command("summary")

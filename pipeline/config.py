@@ -33,7 +33,12 @@ DEFAULTS: dict[str, Any] = {
     # a healthy constrained history stays within 1.3× (benchmarks/RESULTS.md §5), a collapsing one
     # passes 2× early
     "guard": {"max_ppl_ratio": 2.0},
+    # the optional `export` stage (dvc.yaml): the state after `entry` in each of `formats`; [] = off
+    "export": {"formats": [], "entry": "head", "gguf_dtype": "f32", "peft_rtol": None},
 }
+
+EXPORT_FORMATS = ("peft", "gguf")  # `editledger export --format`, `export.formats`
+GGUF_DTYPES = ("f32", "f16")
 
 
 class ParamsError(ValueError):
@@ -85,6 +90,7 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
     if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio)
                               or ratio <= 0):
         raise ParamsError(f"guard.max_ppl_ratio must be a finite number > 0 or null (off), got {ratio!r}")
+    _check_export(params["export"])
     return params
 
 
@@ -117,3 +123,20 @@ def _check_evaluation(ev: dict) -> None:
         raise ParamsError("evaluation.retention.generation must be true or false")
     positive_int("perplexity.max_length", ev["perplexity"]["max_length"], minimum=2)
     positive_int("seed", ev["seed"], minimum=0)
+
+
+def _check_export(ex: dict) -> None:
+    formats = ex["formats"]
+    if not isinstance(formats, list) or len(set(map(str, formats))) != len(formats) or \
+            not all(f in EXPORT_FORMATS for f in formats):
+        raise ParamsError(f"export.formats must be a list of distinct formats out of {', '.join(EXPORT_FORMATS)} "
+                          f"([] = no export stage), got {formats!r}")
+    if not isinstance(ex["entry"], (str, int)) or isinstance(ex["entry"], bool):
+        raise ParamsError(f"export.entry must be an entry reference or head, got {ex['entry']!r}")
+    if ex["gguf_dtype"] not in GGUF_DTYPES:
+        raise ParamsError(f"export.gguf_dtype must be one of {', '.join(GGUF_DTYPES)}, got {ex['gguf_dtype']!r}")
+    rtol = ex["peft_rtol"]
+    if rtol is not None and (not isinstance(rtol, float) or not math.isfinite(rtol) or not 0 < rtol < 1):
+        hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if isinstance(rtol, str) else ""
+        raise ParamsError(f"export.peft_rtol must be a number in (0, 1) or null (the default tolerance), got "
+                          f"{rtol!r}{hint}")
