@@ -55,7 +55,8 @@ def compare_metrics(old: dict, new: dict) -> dict:
 
 def compare_rows(old: pd.DataFrame, new: pd.DataFrame) -> dict:
     """Per prompt and state: success flips, changed generations, the largest log-probability change."""
-    key = ["phase", "batch", "request", "kind", "prompt"]
+    key = ["phase", "batch", "request", "kind", "prompt", "occurrence"]  # a record may repeat a prompt
+    old, new = (df.assign(occurrence=df.groupby(key[:-1], dropna=False).cumcount()) for df in (old, new))
     m = old.merge(new, on=key, suffixes=("_before", "_after"), how="outer", indicator=True)
     out = {"rows_before": len(old), "rows_after": len(new), "unmatched": int((m["_merge"] != "both").sum())}
     m = m[m["_merge"] == "both"]
