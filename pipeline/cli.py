@@ -353,6 +353,58 @@ def report(out: Path = typer.Option(Path("reports/latest"), "--out", help="outpu
     typer.echo(f"wrote {out / 'index.html'}")
 
 
+# ------------------------------------------------------------------------------------ collaboration
+
+def _upstream_dirs(project, ref: str | None) -> tuple[str, list[str]]:
+    """The batch directories of the upstream side of a merge: ``ref`` (a git revision), else the
+    merge in progress (``MERGE_HEAD``), else the branch's upstream (``@{upstream}``)."""
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(project.root), *args], capture_output=True, text=True)
+
+    if ref is None:
+        ref = "MERGE_HEAD" if git("rev-parse", "-q", "--verify", "MERGE_HEAD").returncode == 0 else "@{upstream}"
+    found = git("ls-tree", "-d", "--name-only", f"{ref}:ledger")
+    if found.returncode != 0:
+        raise UserError(f"cannot read upstream's ledger at git revision {ref!r} ({found.stderr.strip() or 'no ledger/'}); "
+                        "name upstream with --upstream REF (e.g. origin/main)")
+    return ref, found.stdout.split()
+
+
+@app.command()
+def rebase(
+    upstream: str = typer.Option(None, "--upstream", help="git revision of upstream (default: the merge in progress, "
+                                                          "else the branch's upstream)"),
+    skip: list[str] = typer.Option([], "--skip", help="leave this clone's batch DIR out (repeatable)"),
+    keep_local: bool = typer.Option(False, "--keep-local", help="re-append fact conflicts anyway (this clone's edit wins)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, change nothing"),
+):
+    """Resolve a forked ledger: keep upstream's batches, re-append this clone's after them."""
+    _guard(_rebase, upstream, skip, keep_local, dry_run)
+
+
+def _rebase(upstream, skip, keep_local, dry_run):
+    from pipeline.ledger.rebase import plan_rebase
+    from pipeline.ledger.rebase import rebase as run_rebase
+    from pipeline.stages.dvcfile import batch_dvc_yaml
+
+    project = _project()
+    ref, dirs = _upstream_dirs(project, upstream)
+    if dry_run:
+        plan = plan_rebase(project.ledger, dirs, skip=skip, keep_local=keep_local)
+    else:
+        plan = run_rebase(project.ledger, dirs, skip=skip, keep_local=keep_local, stage_file=batch_dvc_yaml)
+    typer.echo(f"upstream ({ref}) ends at {plan.onto}; fork point {plan.fork_point or 'none (no common batch)'}; "
+               f"{len(plan.upstream_after)} upstream and {len(plan.local)} local batch(es) since")
+    for old, new in plan.mapping.items():
+        typer.echo(f"  {old} → ledger/{new}")
+    for old in plan.skipped:
+        typer.echo(f"  {old} left out (--skip)")
+    typer.echo("dry run: nothing changed" if dry_run else
+               "re-appended; `dvc repro -P` computes the new batches (the originals stay, marked superseded)")
+
+
 # ------------------------------------------------------------------------------------------- probes
 
 probe_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -476,16 +528,6 @@ def stage_probe(kind: str = typer.Option(..., "--kind", help="similarity | logit
         return run_probe(kind, lm.model, lm.tokenizer, records, project.root / "reports" / "probes")
 
     typer.echo(f"wrote {_guard(_run)}")
-
-
-@stage_app.command("summary")
-def stage_summary():
-    """Summarise the ledger into reports/summary.{parquet,json,html} and reports/history.csv."""
-    from pipeline.stages.summary import write_summary
-
-    project = _project()
-    metrics = _guard(write_summary, project.ledger, project.root / "reports", page_name="summary.html")
-    typer.echo(json.dumps(metrics))
 
 
 def main() -> None:  # pragma: no cover - console entry point

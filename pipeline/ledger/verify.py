@@ -30,8 +30,9 @@ from torch import nn
 from pipeline.ledger.chain import EMPTY, ChainState
 from pipeline.ledger.entry import Entry
 from pipeline.ledger.errors import LedgerCorruptError
-from pipeline.ledger.layout import UNLISTED_FILES, scan
-from pipeline.ledger.store import load_deltas, read_evaluation, walk
+from pipeline.ledger.batch import BatchError, read_batch
+from pipeline.ledger.layout import UNLISTED_FILES, EntryDir, scan, scan_all, split_lines, superseded_marker
+from pipeline.ledger.store import load_deltas, read_entry, read_evaluation, walk
 from pipeline.ledger.weights import Replayer, check_record
 from pipeline.models.loading import model_fingerprint
 
@@ -54,6 +55,7 @@ class VerifyResult:
     incomplete: list[str] = field(default_factory=list)
     replayed: bool = False
     warnings: list[str] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)  # off the main line after a rebase, checked too
 
     def __bool__(self) -> bool:
         return self.ok
@@ -64,7 +66,9 @@ class VerifyResult:
     def message(self) -> str:
         if self.ok:
             how = "hash chain and replay" if self.replayed else "hash chain"
-            return f"ok: {self.checked} entries verified ({how})" + (
+            kept = (f"; {len(self.superseded)} superseded batch(es) kept off the main line"
+                    if self.superseded else "")
+            return f"ok: {self.checked} entries verified ({how}){kept}" + (
                 f"; {len(self.incomplete)} uncommitted batch{'' if len(self.incomplete) == 1 else 'es'} (pending or "
                 f"interrupted: `dvc repro -P` computes them): {', '.join(self.incomplete)}" if self.incomplete else "")
         b = self.first_bad
@@ -101,6 +105,21 @@ def _replay(chain: list[Entry], states: list[ChainState], load_base: Callable[[]
     return None
 
 
+def _check_superseded(root: Path, d: EntryDir) -> None:
+    """A superseded batch: its marker names the batch that re-appends it, whose ``batch.yaml``
+    says so; a committed one's files are intact (it is history too)."""
+    by = superseded_marker(d)["by"]
+    if by is not None:
+        try:
+            successor = read_batch(root / by)
+        except BatchError as exc:
+            raise LedgerCorruptError(d.name, f"it is superseded by {by}, which is unreadable ({exc})") from None
+        if successor.supersedes != d.name:
+            raise LedgerCorruptError(d.name, f"superseded.json names {by}, but {by} does not supersede it")
+    if d.committed:
+        read_entry(d, check_files=True)
+
+
 def verify(ledger_dir: str | Path, replay: bool = False,
            load_base: Callable[[], nn.Module] | None = None) -> VerifyResult:
     """Check the whole ledger; ``replay`` needs ``load_base()`` returning a fresh base model."""
@@ -115,6 +134,12 @@ def verify(ledger_dir: str | Path, replay: bool = False,
         return VerifyResult(False, 0, 0, _issue(exc))
     committed = [d for d in dirs if d.committed]
     result = VerifyResult(True, len(committed), 0, incomplete=[d.name for d in dirs if not d.committed])
+    try:
+        for d in split_lines(scan_all(root))[1]:
+            _check_superseded(root, d)
+            result.superseded.append(d.name)
+    except LedgerCorruptError as exc:
+        return VerifyResult(False, len(committed), 0, _issue(exc), result.incomplete)
     chain: list[Entry] = []
     states: list[ChainState] = []
     try:

@@ -10,7 +10,8 @@ change per layer.  Status is
 ``pending`` (not computed yet), ``interrupted`` (an apply died before its commit
 point), ``changed`` (its inputs were edited after it was applied) or ``stale`` (an earlier batch
 is pending or changed) — ``dvc repro -P`` recomputes both — ``invalid`` (fails its checks: run
-``editledger verify``) or ``unverified`` (after an invalid one).
+``editledger verify``), ``unverified`` (after an invalid one) or ``superseded`` (re-appended
+elsewhere by ``editledger rebase``: history, off the main line, listed after the main line).
 
 :func:`history_table` puts the unedited model in front as row 0 (``seq`` 0, kind ``base``): its
 ``post_`` numbers are the ``base_`` numbers of all evaluated batches pooled (weighted by their
@@ -32,7 +33,7 @@ from pipeline.evaluation.suite import CONSISTENCY_KEY
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import BatchError, read_batch
 from pipeline.ledger.errors import LedgerCorruptError, LedgerError
-from pipeline.ledger.layout import REQUESTS_FILE, scan
+from pipeline.ledger.layout import REQUESTS_FILE, STATE_FILE, EntryDir, scan, scan_all, split_lines
 from pipeline.ledger.replay import layer_of
 from pipeline.ledger.store import read_evaluation, walk
 
@@ -105,16 +106,7 @@ def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
         problem = exc
     rows = []
     for d in scan(ledger, missing_ok=True):
-        row = dict.fromkeys(COLUMNS)
-        row.update(seq=d.seq, dir=d.name, status=d.status)
-        try:
-            b = read_batch(d.path)
-            row.update(kind=b.kind, method=b.method, target=b.target, mode=b.mode, reapplies=b.reapplies)
-            if b.kind == "edit":
-                row["modifiers"] = HParams.from_dict(b.hparams).modifier_label
-                row["n_requests"] = len(pd.read_parquet(d.path / REQUESTS_FILE, columns=["index"]))
-        except (BatchError, OSError, ValueError):
-            row["status"] = "invalid"
+        row = _batch_row(d)
         e = committed.get(d.name)
         if e is not None:
             row.update(id=e.id, active=e.id in active, approximate=e.approximate, created_at=e.manifest["created_at"],
@@ -128,12 +120,40 @@ def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
         elif d.committed:
             row["status"] = _broken(problem, d.name)
         rows.append(row)
+    for d in split_lines(scan_all(ledger, missing_ok=True))[1]:
+        row = _batch_row(d)
+        row.update(status="superseded", active=False, **_superseded_manifest(d))
+        rows.append(row)
     layers = sorted({k for r in rows for k in r if k.startswith("delta_norm_layer_")},
                     key=lambda k: (not k[17:].isdigit(), int(k[17:]) if k[17:].isdigit() else 0, k))
     df = pd.DataFrame(rows, columns=COLUMNS + layers)
     for col in ("n_requests", "n_active_requests", "retention_n", "retention_available", "min_projector_rank"):
         df[col] = df[col].astype("Int64")
     return df
+
+
+def _batch_row(d: EntryDir) -> dict:
+    """The columns a batch directory's add-time inputs give (``invalid`` when they are unreadable)."""
+    row = dict.fromkeys(COLUMNS)
+    row.update(seq=d.seq, dir=d.name, status=d.status)
+    try:
+        b = read_batch(d.path)
+        row.update(kind=b.kind, method=b.method, target=b.target, mode=b.mode, reapplies=b.reapplies)
+        if b.kind == "edit":
+            row["modifiers"] = HParams.from_dict(b.hparams).modifier_label
+            row["n_requests"] = len(pd.read_parquet(d.path / REQUESTS_FILE, columns=["index"]))
+    except (BatchError, OSError, ValueError):
+        row["status"] = "invalid"
+    return row
+
+
+def _superseded_manifest(d: EntryDir) -> dict:
+    """Id and time of a superseded batch's entry, if it was ever computed (``verify`` checks it)."""
+    try:
+        m = json.loads((d.path / STATE_FILE).read_text(encoding="utf-8"))
+        return {"id": m["id"], "created_at": m["created_at"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _broken(problem: LedgerError | None, name: str) -> str:
