@@ -234,11 +234,15 @@ def drop(
 
 
 @app.command()
-def log(as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+def log(as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+        method: str = typer.Option(None, "--method", help="only batches edited with METHOD"),
+        status: str = typer.Option(None, "--status", help="only batches with STATUS (committed, refused, pending, "
+                                                          "superseded, ...)"),
+        since: str = typer.Option(None, "--since", help="only entries committed on or after DATE (YYYY-MM-DD)"),
+        until: str = typer.Option(None, "--until", help="only entries committed on or before DATE (YYYY-MM-DD)"),
+        subject: str = typer.Option(None, "--subject", help="only batches whose requests name SUBJECT")):
     """List the ledger's batches: ids, kind, method, status, active, metrics."""
-    from pipeline.stages.summary import ledger_table
-
-    df = _guard(ledger_table, _project().ledger)
+    df = _guard(_log_table, method, status, since, until, subject)
     if as_json:
         typer.echo(df.astype(object).where(df.notna(), None).to_json(orient="records", indent=1))
         return
@@ -256,6 +260,40 @@ def log(as_json: bool = typer.Option(False, "--json", help="machine-readable out
                    f"{'' if r.n_requests is None else r.n_requests:>4}  {r.status:<11}  "
                    f"{'' if r.active is None else 'yes' if r.active else 'no':<6}  {eff:<13}  "
                    f"{f(r.post_generalization):<5}  {f(r.post_specificity):<5}")
+
+
+def _log_table(method, status, since, until, subject):
+    """The log's rows, filtered (every filter given must hold)."""
+    from pipeline.stages.audit import filter_log
+    from pipeline.stages.summary import ledger_table
+
+    ledger = _project().ledger
+    return filter_log(ledger_table(ledger), ledger, method=method, status=status, since=since, until=until,
+                      subject=subject)
+
+
+@app.command()
+def blame(subject: str = typer.Argument(..., metavar="SUBJECT", help="the subject, as written in the requests"),
+          relation: str = typer.Option(None, "--relation", help="only requests of this relation id (e.g. P103)"),
+          as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+    """Every entry whose requests name SUBJECT (active or not), and what the model answers now."""
+    from pipeline.stages.audit import blame_report
+
+    report = _guard(blame_report, _project(), subject, relation)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{subject}: {len(report['entries'])} request(s) in the ledger")
+    for r in report["entries"]:
+        state = "active" if r["active"] else f"not active ({r['removed_by']})" if r["removed_by"] else "not active"
+        typer.echo(f"  {r['seq']:04d} {r['dir']}  {(r['id'] or '')[:12]:<12}  {r['method']:<10} {r['status']:<11} "
+                   f"{r['created_at'] or 'not computed':<20}  {r['prompt']}: {r['target_true']} → {r['target_new']}"
+                   f"  [{r['relation_id'] or '-'}]  {state}")
+    for prompt, ans in report["answers"].items():
+        for side in ("active", "base"):
+            a = ans[side]
+            probs = ", ".join(f"{c} {p:.3f}" for c, p in sorted(a["probs"].items(), key=lambda kv: -kv[1]))
+            typer.echo(f"  now, {side} model: {prompt} → {a['answer']}  ({probs})")
 
 
 @app.command()

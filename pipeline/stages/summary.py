@@ -201,7 +201,7 @@ def summary_metrics(history: pd.DataFrame) -> dict:
     """Headline numbers for ``dvc metrics show/diff``: counts, the unedited model (``base``), the
     last evaluated batch (``last``: its own requests, the retained ones, perplexity), and the
     post-edit metrics of the active batches pooled (``active_post``)."""
-    df = history[history["kind"] != "base"]
+    df = history[(history["kind"] != "base") & (history["status"] != "superseded")]
     edits = df[(df["kind"] == "edit") & (df["active"] == True)]  # noqa: E712  (nullable column)
     out = {"batches": int(len(df)), "committed": int((df["status"] == "committed").sum()),
            "refused": int((df["status"] == "refused").sum()),
@@ -249,5 +249,18 @@ def write_summary(ledger_dir: str | Path, out_dir: Path, *, page_name: str = "in
     atomic.write_parquet(out_dir / "summary.parquet", history)
     atomic.write_text(out_dir / "summary.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     atomic.write_text(out_dir / "history.csv", history[PLOT_COLUMNS].to_csv(index=False, float_format="%.6g"))
-    atomic.write_text(out_dir / page_name, html_page(history, metrics, latest_settings(ledger_dir, history)))
+    atomic.write_text(out_dir / page_name, html_page(history, metrics, latest_settings(ledger_dir, history),
+                                                     batch_requests(ledger_dir)))
     return metrics
+
+
+def batch_requests(ledger_dir: str | Path) -> dict[str, list[dict]]:
+    """Batch directory → its canonical requests (from the add-time ``requests.parquet``), for the
+    report's links from each batch to what it asked for."""
+    out = {}
+    for d in scan_all(ledger_dir, missing_ok=True):
+        try:
+            out[d.name] = [json.loads(x) for x in pd.read_parquet(d.path / REQUESTS_FILE, columns=["canonical"])["canonical"]]
+        except (OSError, ValueError, KeyError):
+            continue  # a revert or drop has none; an unreadable one is `verify`'s to report
+    return out
