@@ -199,6 +199,7 @@ def _add(requests_path, method, params_path, iterative=None, neighbors=None):
     check_covariance_config(cfg, spec, hp)
     reqs = load_requests(requests_path)
     check_neighbor_requests(reqs, hp.neighbors)
+    _auto_checkpoint(project, cfg["ledger"]["checkpoint_every"])
     path = add_edit(project.ledger, reqs, spec.name, hp, engine=cfg["edit"]["engine"], seed=cfg["seed"],
                     stage_file=batch_dvc_yaml)
     typer.echo(f"added {_rel(project, path)}: {len(reqs)} requests, {spec.name}{hp.modifier_label}; "
@@ -363,13 +364,15 @@ def _materialize(ref, out):
 
 
 @app.command()
-def verify(replay: bool = typer.Option(False, "--replay", help="also rebuild the weights and check them bit for bit")):
+def verify(replay: bool = typer.Option(False, "--replay", help="also rebuild the weights and check them bit for bit"),
+           full: bool = typer.Option(False, "--full", help="from the first entry, not the last checkpoint; checks "
+                                                           "every checkpoint against the chain before it")):
     """Recompute the hash chain (and with --replay the weights); exit 1 naming the first bad entry."""
     from pipeline.ledger import verify as check
     from pipeline.stages.common import base_model
 
     project = _project()
-    result = _guard(check, project.ledger, replay=replay, load_base=lambda: base_model(project).model)
+    result = _guard(check, project.ledger, replay=replay, load_base=lambda: base_model(project).model, full=full)
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
     if not result.ok:
@@ -441,6 +444,29 @@ def _rebase(upstream, skip, keep_local, dry_run):
         typer.echo(f"  {old} left out (--skip)")
     typer.echo("dry run: nothing changed" if dry_run else
                "re-appended; `dvc repro -P` computes the new batches (the originals stay, marked superseded)")
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+def _auto_checkpoint(project, every: int | None) -> None:
+    """``ledger.checkpoint_every`` of params.yaml: append a checkpoint before the batch when due."""
+    from pipeline.ledger.append import add_checkpoint, checkpoint_due
+    from pipeline.stages.dvcfile import batch_dvc_yaml
+
+    if checkpoint_due(project.ledger, every):
+        path = add_checkpoint(project.ledger, batch_dvc_yaml)
+        typer.echo(f"added {_rel(project, path)}: checkpoint after {every} batches (ledger.checkpoint_every)")
+
+
+@app.command()
+def checkpoint():
+    """Append a checkpoint: the current state kept whole, the batches before it sealed (flat costs)."""
+    from pipeline.ledger.append import add_checkpoint
+    from pipeline.stages.dvcfile import batch_dvc_yaml
+
+    project = _project()
+    path = _guard(add_checkpoint, project.ledger, batch_dvc_yaml)
+    typer.echo(f"added {_rel(project, path)} (checkpoint); `dvc repro -P` computes it")
 
 
 # ------------------------------------------------------------------------------------------- probes

@@ -33,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
     # a healthy constrained history stays within 1.3× (benchmarks/RESULTS.md §5), a collapsing one
     # passes 2× early
     "guard": {"max_ppl_ratio": 2.0},
+    # `editledger add` appends a checkpoint first once this many batches follow the last one (and all
+    # are computed): readers and DVC then start there, so their cost stays flat (docs/LEDGER.md); null = never
+    "ledger": {"checkpoint_every": 20},
 }
 
 
@@ -85,6 +88,9 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
     if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio)
                               or ratio <= 0):
         raise ParamsError(f"guard.max_ppl_ratio must be a finite number > 0 or null (off), got {ratio!r}")
+    every = params["ledger"]["checkpoint_every"]
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise ParamsError(f"ledger.checkpoint_every must be an integer ≥ 1 or null (never), got {every!r}")
     return params
 
 

@@ -30,7 +30,8 @@ from pipeline.ledger.commit import check_deltas, commit_drop, commit_edit, commi
 from pipeline.ledger.entry import BASE, DROP_MODES, Entry
 from pipeline.ledger.errors import (AlreadyRevertedError, BaseMismatchError, EntrySchemaError, LedgerError,
                                     NotActiveError, PendingDropError, StateMismatchError)
-from pipeline.ledger.layout import EntryDir, incomplete_entries, scan
+from pipeline.ledger import atomic
+from pipeline.ledger.layout import DVCIGNORE_FILE, EntryDir, incomplete_entries, last_checkpoint, scan, scan_all
 from pipeline.ledger.lock import LedgerLock
 from pipeline.ledger.store import label, load, resolve_ref
 from pipeline.models.loading import model_fingerprint
@@ -205,6 +206,52 @@ def _add_drop(ledger: Path, target: str, mode: str, stage_file: StageFile | None
     return [path] + [_write_reapplication(ledger, dirs, d, stage_file) for d in originals]
 
 
+SEALED_TEXT = ("# sealed by the checkpoint after it (docs/LEDGER.md, 'Thousands of batches'): no longer a stage of "
+               "the pipeline\n/dvc.yaml\n/dvc.lock\n")
+
+
+def add_checkpoint(ledger_dir: str | Path, stage_file: StageFile | None = None) -> Path:
+    """Write a checkpoint batch after the last entry, and seal every batch directory before it: a
+    ``.dvcignore`` hides their stages from DVC, which then no longer parses or checks them on every
+    ``dvc repro`` (they are computed, and their entries are summarised by the checkpoint)."""
+    ledger = Path(ledger_dir)
+    with LedgerLock(ledger):
+        dirs = scan(ledger, missing_ok=True)
+        todo = [d.name for d in dirs if not d.committed]
+        if todo:
+            raise LedgerError(f"{len(todo)} batch(es) are not computed yet (first: {todo[0]}); run `dvc repro -P` "
+                              "before a checkpoint")
+        chain, states = load(ledger, missing_ok=True, since_checkpoint=True)
+        if not chain:
+            raise LedgerError("the ledger is empty: nothing to checkpoint")
+        if chain[-1].kind == "checkpoint":
+            raise LedgerError(f"the last entry, {label(chain[-1])}, already is a checkpoint")
+        if states[-1].pending is not None:
+            raise PendingDropError(_pending_message(states[-1].pending, chain))
+        seq, parent = _next(dirs)
+        path = write_batch_dir(ledger, Batch(seq, "checkpoint", parent), stage_file=stage_file)
+        for d in scan_all(ledger):
+            if d.seq < seq and not (d.path / DVCIGNORE_FILE).exists():
+                atomic.write_text(d.path / DVCIGNORE_FILE, SEALED_TEXT)
+        return path
+
+
+def batches_since_checkpoint(ledger_dir: str | Path) -> int:
+    """How many batch directories follow the last computed checkpoint (all of them if none)."""
+    dirs = scan(ledger_dir, missing_ok=True)
+    last = last_checkpoint(dirs)
+    return len(dirs) - (last.seq if last else 0)
+
+
+def checkpoint_due(ledger_dir: str | Path, every: int | None) -> bool:
+    """Should the next add append a checkpoint first: ``every`` batches follow the last one, all
+    computed (a checkpoint is made of committed entries; otherwise the next add tries again)."""
+    if every is None:
+        return False
+    dirs = scan(ledger_dir, missing_ok=True)
+    return bool(dirs) and all(d.committed for d in dirs) and batches_since_checkpoint(ledger_dir) >= every
+
+
 # -------------------------------------------------------------------------------- one-call API
 
 def append_edit(ledger_dir: str | Path, base_fingerprint: str, requests: Iterable[Any], method: str,
@@ -225,15 +272,16 @@ def append_edit(ledger_dir: str | Path, base_fingerprint: str, requests: Iterabl
     deltas = check_deltas(model, deltas)
     with LedgerLock(ledger):
         dirs = scan(ledger, missing_ok=True)
-        chain, states = load(ledger, missing_ok=True)
+        chain, states = load(ledger, missing_ok=True, since_checkpoint=True)
+        n = chain[-1].seq if chain else 0  # committed entries (the chain may start at a checkpoint)
         if chain and chain[0].base_fingerprint != base_fingerprint:
             raise BaseMismatchError(f"this ledger edits the base model {chain[0].base_fingerprint[:16]}…, "
                                     f"not {base_fingerprint[:16]}…")
         if states and states[-1].pending is not None:
             raise PendingDropError(_pending_message(states[-1].pending, chain))
-        seq, parent = _next(dirs[: len(chain)])
+        seq, parent = _next(dirs[:n])
         batch = Batch(seq, "edit", parent, method=method, engine=engine, seed=seed, hparams=hp)
-        extra = dirs[len(chain):]
+        extra = dirs[n:]
         retry = len(extra) == 1 and extra[0].name == batch.dirname([r.canonical() for r in reqs])
         if extra and not retry:
             raise LedgerError(f"batch {extra[0].name} is not committed yet; compute it (`dvc repro -P`) "
@@ -331,5 +379,5 @@ def append_drop(ledger_dir: str | Path, target: str, mode: str = "exact", *, bas
         return DropResult(new, model)
 
 
-__all__ = ["DropResult", "add_drop", "add_edit", "add_revert", "append_drop", "append_edit", "append_revert",
+__all__ = ["DropResult", "add_checkpoint", "add_drop", "add_edit", "add_revert", "batches_since_checkpoint", "checkpoint_due", "append_drop", "append_edit", "append_revert",
            "plan_drop", "plan_revert"]

@@ -45,12 +45,14 @@ _KIND_FIELDS = {
     "edit": ("method", "engine", "seed", "hparams", "reapplies"),
     "revert": ("target",),
     "drop": ("target", "mode", "reapply"),
+    "checkpoint": (),
 }
 _HEADER = {
     "edit": "# A batch of edit requests (requests.parquet), applied by the stages in dvc.yaml.\n",
     "revert": "# A revert: the active state becomes the state right after `target` (or the base model).\n",
     "drop": "# A drop: batch `target` leaves the active state (mode exact: the batches listed in `reapply`\n"
             "# are recomputed by the re-application batches that follow; mode fast: its delta is subtracted).\n",
+    "checkpoint": "# A checkpoint: the state after `parent`, kept whole so that readers start here; changes no weight.\n",
 }
 _FOOTER = ("# Written by editledger; the ledger never rewrites it.  Editing it by hand makes a different\n"
            "# history: `dvc repro -P` then recomputes this batch and every later one (docs/LEDGER.md).\n")
@@ -105,6 +107,8 @@ class Batch:
                 raise BatchError(f"reapplies must be a batch directory name or null, got {self.reapplies!r}")
         elif self.parent is None:
             raise BatchError(f"a {self.kind} cannot be the first batch")
+        elif self.kind == "checkpoint":
+            pass  # only a parent: what it records is the state after it
         elif self.kind == "revert":
             if self.target != BASE and not _is_dir(self.target):
                 raise BatchError(f"revert target must be a batch directory name or {BASE!r}, got {self.target!r}")

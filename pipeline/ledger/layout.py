@@ -45,6 +45,8 @@ STATE_FILE = "state.json"
 EVAL_FILE = "eval.parquet"
 METRICS_FILE = "metrics.json"
 
+SNAPSHOT_FILE = "snapshot.safetensors"  # checkpoint: the edited weights of the state it records
+INDEX_FILE = "index.parquet"  # checkpoint: one row per batch before it (what `log` shows of them)
 SUPERSEDED_FILE = "superseded.json"  # written by `editledger rebase` into a batch it re-appended elsewhere
 DVCIGNORE_FILE = ".dvcignore"  # hides a directory's stages from DVC (superseded before it was computed)
 
@@ -151,6 +153,16 @@ def scan(ledger_dir: str | Path, *, missing_ok: bool = False) -> list[EntryDir]:
             raise LedgerCorruptError(d.name, f"sequence number {d.seq} where {pos} was expected "
                                      "(a batch directory is missing)")
     return main
+
+
+def last_checkpoint(main: list[EntryDir], upto: str | None = None) -> EntryDir | None:
+    """The last computed checkpoint on the main line (at or before directory ``upto``): found from
+    the end by its snapshot file, so finding it costs a few file checks, not a read of the ledger."""
+    stop = next((i for i, d in enumerate(main) if d.name == upto), len(main) - 1) if upto else len(main) - 1
+    for d in reversed(main[: stop + 1]):
+        if (d.path / SNAPSHOT_FILE).is_file() and d.committed:
+            return d
+    return None
 
 
 def describe(d: EntryDir) -> str:

@@ -22,6 +22,7 @@ headline numbers for ``dvc metrics`` (``summary.json``) and the HTML report.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -33,9 +34,9 @@ from pipeline.evaluation.suite import CONSISTENCY_KEY
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import BatchError, read_batch
 from pipeline.ledger.errors import LedgerCorruptError, LedgerError
-from pipeline.ledger.layout import REQUESTS_FILE, STATE_FILE, EntryDir, scan, scan_all, split_lines
+from pipeline.ledger.layout import INDEX_FILE, REQUESTS_FILE, STATE_FILE, EntryDir, scan, scan_all, split_lines
 from pipeline.ledger.replay import layer_of
-from pipeline.ledger.store import read_evaluation, walk
+from pipeline.ledger.store import BeforeCheckpointError, read_evaluation, walk
 
 HEADLINE = ("efficacy", "generalization", "specificity", "score")
 METRICS = (*HEADLINE, *(f"{m}_{q}" for q in ("magnitude", "accuracy") for m in HEADLINE[:3]), "fluency",
@@ -91,21 +92,41 @@ def _health_columns(manifest: dict) -> dict:
             "guard_ratio": guard.get("ratio")}
 
 
-def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
-    """One row per batch directory, in sequence order (see the module docstring)."""
+def _chain_columns(ledger: Path) -> tuple[dict, set, dict, pd.DataFrame | None, LedgerError | None]:
+    """From the last checkpoint on (the whole chain when an entry refers to one before it): the
+    committed entries by directory, the active ids now, requests active after each entry, the
+    checkpoint's table of the batches before it, and the first problem met (rows after it are
+    marked, not dropped)."""
+    for since_checkpoint in (True, False):
+        committed, active, n_active, sizes, index, problem = {}, set(), {}, {}, None, None
+        try:
+            for e, state in walk(ledger, missing_ok=True, since_checkpoint=since_checkpoint):
+                if since_checkpoint and not committed and e.kind == "checkpoint":
+                    index = pd.read_parquet(e.path / INDEX_FILE)
+                    sizes.update(zip(index["id"], index["n_requests"].fillna(0).astype(int)))
+                committed[e.dirname] = e
+                sizes[e.id] = len(e.requests) if e.kind == "edit" else 0
+                active = set(state.active)
+                n_active[e.dirname] = sum(sizes.get(i, 0) for i in state.active)
+        except BeforeCheckpointError:
+            continue
+        except LedgerError as exc:
+            problem = exc
+        return committed, active, n_active, index, problem
+    raise AssertionError("unreachable: the full walk never raises BeforeCheckpointError")
+
+
+def ledger_table(ledger_dir: str | Path, *, before_seq: int | None = None) -> pd.DataFrame:
+    """One row per batch directory, in sequence order (see the module docstring); the main line's
+    rows stop before ``before_seq`` (a checkpoint's own table).  The batches a checkpoint seals come
+    from its table, so the cost follows the batches since the last checkpoint, not the history."""
     ledger = Path(ledger_dir)
-    committed, active, n_active, problem = {}, set(), {}, None
-    sizes: dict[str, int] = {}
-    try:
-        for e, state in walk(ledger, missing_ok=True):
-            committed[e.dirname] = e
-            sizes[e.id] = len(e.requests) if e.kind == "edit" else 0
-            active = set(state.active)
-            n_active[e.dirname] = sum(sizes[i] for i in state.active)
-    except LedgerError as exc:
-        problem = exc
+    committed, active, n_active, index, problem = _chain_columns(ledger)
+    main = scan(ledger, missing_ok=True)
     rows = []
-    for d in scan(ledger, missing_ok=True):
+    for d in main[0 if index is None else len(index[index["status"] != "superseded"]):]:
+        if before_seq is not None and d.seq >= before_seq:
+            break
         row = _batch_row(d)
         e = committed.get(d.name)
         if e is not None:
@@ -120,16 +141,34 @@ def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
         elif d.committed:
             row["status"] = _broken(problem, d.name)
         rows.append(row)
+    sealed = set(index["dir"]) if index is not None else set()
     for d in split_lines(scan_all(ledger, missing_ok=True))[1]:
-        row = _batch_row(d)
-        row.update(status="superseded", active=False, **_superseded_manifest(d))
-        rows.append(row)
-    layers = sorted({k for r in rows for k in r if k.startswith("delta_norm_layer_")},
-                    key=lambda k: (not k[17:].isdigit(), int(k[17:]) if k[17:].isdigit() else 0, k))
+        if d.name not in sealed:
+            row = _batch_row(d)
+            row.update(status="superseded", active=False, **_superseded_manifest(d))
+            rows.append(row)
+    layers = {k for r in rows for k in r if k.startswith("delta_norm_layer_")}
+    if index is not None:
+        layers |= {c for c in index.columns if c.startswith("delta_norm_layer_")}
+    layers = sorted(layers, key=lambda k: (not k[17:].isdigit(), int(k[17:]) if k[17:].isdigit() else 0, k))
     df = pd.DataFrame(rows, columns=COLUMNS + layers)
+    if index is not None:  # the sealed batches, as the checkpoint recorded them; active as of now
+        old = index.reindex(columns=COLUMNS + layers).astype(object)
+        old["active"] = [i in active if s != "superseded" else False for i, s in zip(old["id"], old["status"])]
+        df = pd.concat([old[old["status"] != "superseded"], df.astype(object), old[old["status"] == "superseded"]],
+                       ignore_index=True)
+        df = df.sort_values("status", key=lambda col: col == "superseded", kind="stable", ignore_index=True)
+        df = df.infer_objects()
     for col in ("n_requests", "n_active_requests", "retention_n", "retention_available", "min_projector_rank"):
         df[col] = df[col].astype("Int64")
     return df
+
+
+def parquet_bytes(df: pd.DataFrame) -> bytes:
+    """A table as Parquet bytes (a checkpoint's index is written by the ledger, atomically)."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
 
 
 def _batch_row(d: EntryDir) -> dict:
