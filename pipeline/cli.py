@@ -39,11 +39,13 @@ def _user_errors():
 
     from pipeline.data import DataError
     from pipeline.ledger.errors import LedgerError
+    from pipeline.stages.audit import LogFilterError
     from pipeline.stages.common import StageError
     from pipeline.stages.probes import ProbeError
 
     return (DataError, ParamsError, HParamsError, MethodError, RequestError, AdapterError, ModelLoadError,
-            CovarianceCacheError, OptimisationError, LedgerError, StageError, ProbeError, UserError, FileNotFoundError)
+            CovarianceCacheError, OptimisationError, LedgerError, StageError, ProbeError, UserError, FileNotFoundError,
+            LogFilterError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -159,7 +161,7 @@ def _edit(requests_path, out, method, model_path, params_path, engine, save_mode
 # ------------------------------------------------------------------------------------------- ledger
 
 def _project():
-    from pipeline.stages.common import Project
+    from pipeline.stages.project import Project
 
     return Project.find()
 
@@ -369,10 +371,14 @@ def verify(replay: bool = typer.Option(False, "--replay", help="also rebuild the
                                                            "every checkpoint against the chain before it")):
     """Recompute the hash chain (and with --replay the weights); exit 1 naming the first bad entry."""
     from pipeline.ledger import verify as check
-    from pipeline.stages.common import base_model
+
+    def load_base():
+        from pipeline.stages.common import base_model  # the model code, only when weights are replayed
+
+        return base_model(project).model
 
     project = _project()
-    result = _guard(check, project.ledger, replay=replay, load_base=lambda: base_model(project).model, full=full)
+    result = _guard(check, project.ledger, replay=replay, load_base=load_base, full=full)
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
     if not result.ok:

@@ -155,6 +155,15 @@ def scan(ledger_dir: str | Path, *, missing_ok: bool = False) -> list[EntryDir]:
     return main
 
 
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """The layer number in a parameter name ("model.layers.3.mlp.down_proj.weight" → "3"), else "other"."""
+    m = _LAYER_RE.search(name)
+    return m.group(1) if m else "other"
+
+
 def last_checkpoint(main: list[EntryDir], upto: str | None = None) -> EntryDir | None:
     """The last computed checkpoint on the main line (at or before directory ``upto``): found from
     the end by its snapshot file, so finding it costs a few file checks, not a read of the ledger."""

@@ -10,7 +10,6 @@ change of every recorded metric.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 from pipeline.ledger.atomic import canonical_json
 from pipeline.ledger.chain import ChainState, is_prefix
 from pipeline.ledger.entry import BASE, Entry
+from pipeline.ledger.layout import layer_of
 from pipeline.ledger.errors import BaseMismatchError, LedgerCorruptError, UnknownEntryError
 from pipeline.ledger.store import dirname_of, load, load_deltas, load_snapshot, read_evaluation, state_at
 from pipeline.ledger.weights import Replayer, check_record
@@ -90,15 +90,6 @@ class LedgerDiff:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-_LAYER_RE = re.compile(r"\.(\d+)\.")
-
-
-def layer_of(name: str) -> str:
-    """The layer number in a parameter name ("model.layers.3.mlp.down_proj.weight" → "3"), else "other"."""
-    m = _LAYER_RE.search(name)
-    return m.group(1) if m else "other"
 
 
 def _side(ref: str, target: Entry | str, state: ChainState, by_id: dict[str, Entry]) -> Side:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
-import torch
+if TYPE_CHECKING:  # only for annotations: readers of a ledger need no torch
+    import torch
 
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import BatchError, read_batch

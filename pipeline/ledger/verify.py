@@ -26,11 +26,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
-import torch
-from torch import nn
 
 from pipeline.ledger.chain import EMPTY, ChainState
 from pipeline.ledger.entry import Entry
@@ -40,8 +38,9 @@ from pipeline.ledger.layout import (DVCIGNORE_FILE, INDEX_FILE, UNLISTED_FILES, 
                                     superseded_marker)
 from pipeline.ledger.store import (BeforeCheckpointError, load_deltas, load_snapshot, read_entry, read_evaluation,
                                    walk)
-from pipeline.ledger.weights import Replayer, check_record
-from pipeline.models.loading import model_fingerprint
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -94,7 +93,13 @@ def _issue(exc: LedgerCorruptError, stage: str = "files") -> VerifyIssue:
 def _replay(chain: list[Entry], states: list[ChainState], load_base: Callable[[], nn.Module]) -> VerifyIssue | None:
     """Rebuild every state and check its fingerprints; a chain that starts at a checkpoint starts
     from its saved weights (whose full-model fingerprint is then checked like any state's), and a
-    checkpoint met on the way must hold exactly the weights replayed up to it."""
+    checkpoint met on the way must hold exactly the weights replayed up to it.  (torch and the model
+    code are imported here: checking files and the chain needs neither.)"""
+    import torch
+
+    from pipeline.ledger.weights import Replayer, check_record
+    from pipeline.models.loading import model_fingerprint
+
     model = load_base()
     first = chain[0]
     if model_fingerprint(model) != first.base_fingerprint:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from pipeline.evaluation.suite import CONSISTENCY_KEY
+from pipeline.evaluation.names import CONSISTENCY_KEY
 from pipeline.report.plots import FIGURES
 
 TABLE_COLUMNS = ["seq", "dir", "kind", "method", "status", "active", "n_requests", "n_active_requests",

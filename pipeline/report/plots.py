@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pipeline.evaluation.suite import CONSISTENCY_KEY  # noqa: E402
+from pipeline.evaluation.names import CONSISTENCY_KEY  # noqa: E402
 
 COLORS = {"efficacy": "tab:blue", "generalization": "tab:orange", "specificity": "tab:green", "score": "tab:red"}
 

@@ -15,10 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.evaluation.answers import fact_answers
 from pipeline.ledger.blame import BlameRow, blame
-from pipeline.ledger.replay import materialize
-from pipeline.stages.common import Project, StageError, base_model
 
 
 def candidates(rows: list[BlameRow]) -> dict[str, list[str]]:
@@ -32,8 +29,14 @@ def candidates(rows: list[BlameRow]) -> dict[str, list[str]]:
     return out
 
 
-def blame_report(project: Project, subject: str, relation: str | None = None) -> dict:
-    """``{"subject", "relation", "entries": [...], "answers": {prompt: {"active", "base"}}}``."""
+def blame_report(project, subject: str, relation: str | None = None) -> dict:
+    """``{"subject", "relation", "entries": [...], "answers": {prompt: {"active", "base"}}}`` for a
+    :class:`~pipeline.stages.common.Project`.  (The model code is imported here, not at the top: the
+    log filters in this module must not pay for it.)"""
+    from pipeline.evaluation.answers import fact_answers
+    from pipeline.ledger.replay import materialize
+    from pipeline.stages.common import StageError, base_model
+
     rows = blame(project.ledger, subject, relation)
     if not rows:
         what = f"subject {subject!r}" + (f" with relation {relation!r}" if relation else "")
@@ -47,6 +50,10 @@ def blame_report(project: Project, subject: str, relation: str | None = None) ->
             "answers": {p: {"active": active[p], "base": base[p]} for p in facts}}
 
 
+class LogFilterError(ValueError):
+    """A filter of ``editledger log`` that cannot be applied (a malformed date)."""
+
+
 def _date(value: str | None, option: str) -> str | None:
     """``YYYY-MM-DD`` (or a full ISO time) → the ISO prefix compared with ``created_at``."""
     if value is None:
@@ -54,7 +61,7 @@ def _date(value: str | None, option: str) -> str | None:
     try:
         return dt.datetime.fromisoformat(value.replace("Z", "")).strftime("%Y-%m-%dT%H:%M:%S")
     except ValueError:
-        raise StageError(f"{option} {value!r} is not a date (use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS)") from None
+        raise LogFilterError(f"{option} {value!r} is not a date (use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS)") from None
 
 
 def filter_log(df: pd.DataFrame, ledger: Path, *, method: str | None = None, status: str | None = None,
@@ -79,4 +86,4 @@ def filter_log(df: pd.DataFrame, ledger: Path, *, method: str | None = None, sta
     return df[keep]
 
 
-__all__ = ["blame_report", "candidates", "filter_log"]
+__all__ = ["LogFilterError", "blame_report", "candidates", "filter_log"]

@@ -30,12 +30,12 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.editing.hparams import HParams
-from pipeline.evaluation.suite import CONSISTENCY_KEY
+from pipeline.evaluation.names import CONSISTENCY_KEY
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import BatchError, read_batch
 from pipeline.ledger.errors import LedgerCorruptError, LedgerError
-from pipeline.ledger.layout import INDEX_FILE, REQUESTS_FILE, STATE_FILE, EntryDir, scan, scan_all, split_lines
-from pipeline.ledger.replay import layer_of
+from pipeline.ledger.layout import (INDEX_FILE, REQUESTS_FILE, STATE_FILE, EntryDir, layer_of, scan, scan_all,
+                                    split_lines)
 from pipeline.ledger.store import BeforeCheckpointError, read_evaluation, walk
 
 HEADLINE = ("efficacy", "generalization", "specificity", "score")
@@ -179,7 +179,7 @@ def _batch_row(d: EntryDir) -> dict:
         b = read_batch(d.path)
         row.update(kind=b.kind, method=b.method, target=b.target, mode=b.mode, reapplies=b.reapplies)
         if b.kind == "edit":
-            row["modifiers"] = HParams.from_dict(b.hparams).modifier_label
+            row["modifiers"] = HParams.label_of(b.hparams)
             row["n_requests"] = len(pd.read_parquet(d.path / REQUESTS_FILE, columns=["index"]))
     except (BatchError, OSError, ValueError):
         row["status"] = "invalid"
