@@ -5,8 +5,9 @@ pause injection at named points of the write path, for tests), ``lock`` (single 
 batch.yaml, requests.parquet, dvc.yaml), ``entry`` (schema, ids, manifest), ``chain`` (which deltas
 are active after each entry), ``weights`` (replaying deltas, fingerprints), ``store`` (reading the
 committed chain), ``commit`` (what the apply/evaluate stages write), ``append`` (adding batches, and
-one-call appends for library use), ``verify`` (integrity and bit-exact replay), ``replay``
-(materialize, diff).  See docs/LEDGER.md.
+one-call appends for library use, checkpoints), ``verify`` (integrity and bit-exact replay), ``replay``
+(materialize, diff), ``rebase`` (one line of history again after two clones forked it), ``blame``
+(which entries named a subject).  See docs/LEDGER.md.
 
 Names are imported on first use (PEP 562), so that reading a ledger (``editledger log``) does not
 import torch through the modules that write one (``verify`` is light itself: it imports torch

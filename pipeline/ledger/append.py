@@ -60,15 +60,17 @@ def _pending_message(p: PendingDrop, chain: list[Entry]) -> str:
 
 
 def _unfinished_drop(dirs: list[EntryDir]) -> tuple[Batch, list[str]] | None:
-    """From batch.yaml alone: an exact drop at the end whose re-application batches are not all written."""
-    batches = [read_batch(d.path) for d in dirs]
-    i = len(batches) - 1
-    while i >= 0 and batches[i].kind == "edit" and batches[i].reapplies:
-        i -= 1
-    if i < 0 or batches[i].kind != "drop" or batches[i].mode != "exact":
+    """From batch.yaml alone: an exact drop at the end whose re-application batches are not all written.
+    Read from the end, as far as the re-application batches go (not the whole history)."""
+    tail: list[Batch] = []
+    for d in reversed(dirs):
+        tail.insert(0, read_batch(d.path))
+        if not (tail[0].kind == "edit" and tail[0].reapplies):
+            break
+    if not tail or tail[0].kind != "drop" or tail[0].mode != "exact":
         return None
-    done, plan = [b.reapplies for b in batches[i + 1:]], list(batches[i].reapply)
-    return (batches[i], plan[len(done):]) if len(done) < len(plan) else None
+    done, plan = [b.reapplies for b in tail[1:]], list(tail[0].reapply)
+    return (tail[0], plan[len(done):]) if len(done) < len(plan) else None
 
 
 def _committed(ledger: Path, what: str) -> tuple[list[EntryDir], list[Entry], list[ChainState]]:
