@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import pathspec
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from pipeline.ledger import append_revert, entries, materialize, verify
 from pipeline.ledger.append import add_checkpoint, batches_since_checkpoint, checkpoint_due
 from pipeline.ledger.commit import commit_checkpoint
 from pipeline.ledger.errors import LedgerError
-from pipeline.ledger.layout import DVCIGNORE_FILE, SNAPSHOT_FILE, scan
+from pipeline.ledger.layout import DVCIGNORE_FILE, SNAPSHOT_FILE, scan, seal_patterns
 from pipeline.ledger.store import load
 from pipeline.ledger.weights import Replayer
 from pipeline.ledger.store import load_deltas
@@ -70,8 +71,19 @@ def test_a_checkpoint_changes_no_bit_of_any_state(ledger):
     assert fast.ok and full.ok, (fast.message(), full.message())
     assert (fast.checked, fast.sealed, fast.from_checkpoint) == (3, 4, ck) and (full.checked, full.sealed) == (7, 0)
     assert f"from checkpoint {ck}, which seals the 4 before it" in fast.message()
-    assert all((L / d.name / DVCIGNORE_FILE).exists() for d in scan(L)[:4])
-    assert not any((L / d.name / DVCIGNORE_FILE).exists() for d in scan(L)[4:])
+    spec = pathspec.GitIgnoreSpec.from_lines((L / DVCIGNORE_FILE).read_text().splitlines())
+    assert [spec.match_file(d.name + "/") for d in scan(L)] == [True] * 4 + [False] * 3  # sealed from DVC
+
+
+@pytest.mark.parametrize("before", [2, 5, 21, 100, 1041, 9999, 10000, 10001, 123457])
+def test_seal_patterns_match_exactly_the_batches_before(before):
+    spec = pathspec.GitIgnoreSpec.from_lines(seal_patterns(before))
+    probe = sorted({1, 2, 9, 10, 19, 20, 99, 100, 999, 1000, 1039, 1040, 1041, 9998, 9999, 10000, 10001, 99999,
+                    100000, 123456, 123457, before - 1, before, before + 1} - {0})
+    for seq in probe:
+        name = f"{seq:04d}-0123456789ab/"
+        assert spec.match_file(name) == (seq < before), (before, seq)
+    assert len(seal_patterns(before)) <= 10 * len(str(before))
 
 
 def test_readers_start_at_the_checkpoint_and_still_see_everything(ledger):

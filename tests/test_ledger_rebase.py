@@ -189,3 +189,27 @@ def test_an_interrupted_rebase_is_refused_then_finished(clones, monkeypatch):
     monkeypatch.undo()
     plan = rebase(b, upstream)
     assert [d.name for d in scan(b)] == [*upstream, *plan.mapping.values()]
+
+
+def test_a_checkpoint_of_this_side_is_reappended_and_unsealed(clones):
+    """B checkpointed after the fork: its seal (ledger/.dvcignore, merged by union) would hide A's
+    batch from DVC; the rebase re-appends the checkpoint and rewrites the seal for the merged line."""
+    import pathspec
+
+    from pipeline.ledger.append import add_checkpoint
+    from pipeline.ledger.commit import commit_checkpoint
+    from pipeline.stages.summary import ledger_table, parquet_bytes
+
+    a, b, base = clones["A"], clones["B"], clones["base"]
+    upstream = [d.name for d in scan(a)]
+    path = add_checkpoint(b)
+    commit_checkpoint(path, copy.deepcopy(base), parquet_bytes(ledger_table(b, before_seq=3)))
+    merge(b, a)
+
+    def sealed() -> list[bool]:
+        spec = pathspec.GitIgnoreSpec.from_lines((b / ".dvcignore").read_text().splitlines())
+        return [spec.match_file(d.name + "/") for d in scan(b)]
+
+    plan = rebase(b, upstream)
+    assert [read_batch(b / n).kind for n in plan.mapping.values()] == ["edit", "checkpoint"]
+    assert sealed() == [False] * 4  # nothing computed is behind a checkpoint of the merged line yet

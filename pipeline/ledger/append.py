@@ -31,7 +31,7 @@ from pipeline.ledger.entry import BASE, DROP_MODES, Entry
 from pipeline.ledger.errors import (AlreadyRevertedError, BaseMismatchError, EntrySchemaError, LedgerError,
                                     NotActiveError, PendingDropError, StateMismatchError)
 from pipeline.ledger import atomic
-from pipeline.ledger.layout import DVCIGNORE_FILE, EntryDir, incomplete_entries, last_checkpoint, scan, scan_all
+from pipeline.ledger.layout import DVCIGNORE_FILE, EntryDir, incomplete_entries, last_checkpoint, scan
 from pipeline.ledger.lock import LedgerLock
 from pipeline.ledger.store import label, load, resolve_ref
 from pipeline.models.loading import model_fingerprint
@@ -208,14 +208,37 @@ def _add_drop(ledger: Path, target: str, mode: str, stage_file: StageFile | None
     return [path] + [_write_reapplication(ledger, dirs, d, stage_file) for d in originals]
 
 
-SEALED_TEXT = ("# sealed by the checkpoint after it (docs/LEDGER.md, 'Thousands of batches'): no longer a stage of "
-               "the pipeline\n/dvc.yaml\n/dvc.lock\n")
+SEAL_HEADER = ("# Written by editledger: the batch directories a checkpoint seals (numbered below {seq}), hidden from\n"
+               "# DVC, which then neither walks nor checks them (docs/LEDGER.md, 'Thousands of batches').  Merged by\n"
+               "# union (.gitattributes); `editledger rebase` and `editledger checkpoint` rewrite it.\n")
+
+
+def write_seal(ledger_dir: str | Path, before_seq: int) -> None:
+    """``ledger/.dvcignore``: hide the batch directories numbered below ``before_seq`` (a checkpoint's
+    seq on the main line) from DVC.  One file of a few range patterns, so that DVC's walk of the
+    ledger does not grow with the history; a function of the main line alone, so two clones with
+    one history write the same bytes."""
+    from pipeline.ledger.layout import seal_patterns
+
+    atomic.write_text(Path(ledger_dir) / DVCIGNORE_FILE, SEAL_HEADER.format(seq=before_seq)
+                      + "".join(f"{p}\n" for p in seal_patterns(before_seq)))
+
+
+def reseal(ledger_dir: str | Path) -> None:
+    """Rewrite ``ledger/.dvcignore`` for the main line as it is: the last computed checkpoint on it
+    seals what is before it (none: nothing is sealed).  After a rebase another side's checkpoint may have left
+    batches sealed that this line still needs in DVC's pipeline."""
+    ck = last_checkpoint(scan(ledger_dir, missing_ok=True))  # a computed one: every batch before it is
+    if ck is not None:
+        write_seal(ledger_dir, ck.seq)
+    elif (Path(ledger_dir) / DVCIGNORE_FILE).exists():
+        write_seal(ledger_dir, 1)
 
 
 def add_checkpoint(ledger_dir: str | Path, stage_file: StageFile | None = None) -> Path:
-    """Write a checkpoint batch after the last entry, and seal every batch directory before it: a
-    ``.dvcignore`` hides their stages from DVC, which then no longer parses or checks them on every
-    ``dvc repro`` (they are computed, and their entries are summarised by the checkpoint)."""
+    """Write a checkpoint batch after the last entry, and seal every batch directory before it
+    (:func:`write_seal`): DVC then no longer walks, parses or checks them on every ``dvc repro``
+    (they are computed, and their entries are summarised by the checkpoint)."""
     ledger = Path(ledger_dir)
     with LedgerLock(ledger):
         dirs = scan(ledger, missing_ok=True)
@@ -232,9 +255,7 @@ def add_checkpoint(ledger_dir: str | Path, stage_file: StageFile | None = None) 
             raise PendingDropError(_pending_message(states[-1].pending, chain))
         seq, parent = _next(dirs)
         path = write_batch_dir(ledger, Batch(seq, "checkpoint", parent), stage_file=stage_file)
-        for d in scan_all(ledger):
-            if d.seq < seq and not (d.path / DVCIGNORE_FILE).exists():
-                atomic.write_text(d.path / DVCIGNORE_FILE, SEALED_TEXT)
+        write_seal(ledger, seq)
         return path
 
 
@@ -381,5 +402,5 @@ def append_drop(ledger_dir: str | Path, target: str, mode: str = "exact", *, bas
         return DropResult(new, model)
 
 
-__all__ = ["DropResult", "add_checkpoint", "add_drop", "add_edit", "add_revert", "batches_since_checkpoint", "checkpoint_due", "append_drop", "append_edit", "append_revert",
+__all__ = ["DropResult", "add_checkpoint", "add_drop", "add_edit", "add_revert", "batches_since_checkpoint", "checkpoint_due", "reseal", "write_seal", "append_drop", "append_edit", "append_revert",
            "plan_drop", "plan_revert"]

@@ -48,7 +48,8 @@ METRICS_FILE = "metrics.json"
 SNAPSHOT_FILE = "snapshot.safetensors"  # checkpoint: the edited weights of the state it records
 INDEX_FILE = "index.parquet"  # checkpoint: one row per batch before it (what `log` shows of them)
 SUPERSEDED_FILE = "superseded.json"  # written by `editledger rebase` into a batch it re-appended elsewhere
-DVCIGNORE_FILE = ".dvcignore"  # hides a directory's stages from DVC (superseded before it was computed)
+DVCIGNORE_FILE = ".dvcignore"  # ledger/.dvcignore: the batches a checkpoint seals; in a batch directory: its
+# stages (superseded before it was computed).  Both hide directories from DVC.
 
 INPUT_FILES = (BATCH_FILE, REQUESTS_FILE, DVC_FILE)
 # Files recorded by sha256 in the manifest when present at commit time (inputs + keys_values outputs).
@@ -162,6 +163,22 @@ def layer_of(name: str) -> str:
     """The layer number in a parameter name ("model.layers.3.mlp.down_proj.weight" → "3"), else "other"."""
     m = _LAYER_RE.search(name)
     return m.group(1) if m else "other"
+
+
+def seal_patterns(before_seq: int) -> list[str]:
+    """``.dvcignore`` patterns that match exactly the batch directories numbered below ``before_seq``
+    (a few digit-prefix globs per digit count: ``/0???-*/``, ``/10[0-3]?-*/`` is ``/100?-*/`` … ``/103?-*/``),
+    so that DVC does not even descend into them."""
+    out = []
+    for width in range(4, max(4, len(str(before_seq - 1))) + 1):
+        n, hi = (0 if width == 4 else 10 ** (width - 1)), min(before_seq, 10 ** width)
+        while n < hi:
+            k = 0
+            while n % 10 ** (k + 1) == 0 and n + 10 ** (k + 1) <= hi:
+                k += 1
+            out.append(f"/{str(n).zfill(width)[:width - k]}{'?' * k}-*/")
+            n += 10 ** k
+    return out
 
 
 def last_checkpoint(main: list[EntryDir], upto: str | None = None) -> EntryDir | None:

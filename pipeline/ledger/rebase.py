@@ -44,6 +44,7 @@ from pipeline.ledger.entry import BASE
 from pipeline.ledger.errors import LedgerError
 from pipeline.ledger.layout import (DVCIGNORE_FILE, SUPERSEDED_FILE, EntryDir, scan_all, split_lines,
                                     superseded_marker)
+from pipeline.ledger.append import reseal
 from pipeline.ledger.lock import LedgerLock
 
 # what a directory hidden from DVC ignores: its own stage file and DVC's record of it
@@ -258,6 +259,7 @@ def rebase(ledger_dir: str | Path, upstream: Iterable[str], *, skip: Iterable[st
         for old, batch, reqs in plan.moves:
             if not (ledger / plan.mapping[old]).is_dir():
                 write_batch_dir(ledger, batch, reqs, stage_file)
+        reseal(ledger)  # this side's checkpoints, now superseded, may have sealed batches upstream still needs
         return plan
 
 

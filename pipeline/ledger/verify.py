@@ -34,7 +34,7 @@ from pipeline.ledger.chain import EMPTY, ChainState
 from pipeline.ledger.entry import Entry
 from pipeline.ledger.errors import LedgerCorruptError
 from pipeline.ledger.batch import BatchError, read_batch
-from pipeline.ledger.layout import (DVCIGNORE_FILE, INDEX_FILE, UNLISTED_FILES, EntryDir, scan, scan_all, split_lines,
+from pipeline.ledger.layout import (INDEX_FILE, UNLISTED_FILES, EntryDir, last_checkpoint, scan, scan_all, split_lines,
                                     superseded_marker)
 from pipeline.ledger.store import (BeforeCheckpointError, load_deltas, load_snapshot, read_entry, read_evaluation,
                                    walk)
@@ -198,10 +198,11 @@ def verify(ledger_dir: str | Path, replay: bool = False, load_base: Callable[[],
         return VerifyResult(False, 0, 0, _issue(exc))
     committed = [d for d in dirs if d.committed]
     result = VerifyResult(True, len(committed), 0, incomplete=[d.name for d in dirs if not d.committed])
+    last = last_checkpoint(dirs)
     try:
         for d in split_lines(scan_all(root))[1]:
-            sealed = d.committed and (d.path / DVCIGNORE_FILE).exists()  # behind a checkpoint: `--full` only
-            if full or not sealed:
+            if full or last is None or d.seq >= last.seq:  # behind the checkpoint: `--full` only
+
                 _check_superseded(root, d)
             result.superseded.append(d.name)
     except LedgerCorruptError as exc:
