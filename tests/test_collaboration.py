@@ -5,9 +5,10 @@ A and B clone the project; each adds one batch, computes it, commits and pushes 
 merges A.  The merge is conflict-free and `dvc pull` works; the ledger forks, so `verify` fails and
 `add` refuses, both naming the two batches; `editledger rebase` re-appends B's batch after A's and
 `dvc repro -P` computes exactly that batch; everything verifies (replay included) and A, after
-pulling B's result, has an up-to-date pipeline and the same history.  Then two pending batches
-that edit one fact to different objects: `rebase` refuses, naming both batches and the subject,
-and changes nothing.
+pulling B's result, has an up-to-date pipeline and the same history.  `blame` and the log filters
+on that history; two pending batches that edit one fact to different objects: `rebase` refuses,
+naming both batches and the subject, and changes nothing; an automatic checkpoint computed by
+DVC seals the history.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.ledger import entries
 from pipeline_support import RECORDS, cli, dvc, env, git, make_project, ran_stages, requests_file, run
@@ -171,3 +173,30 @@ def test_a_fact_edited_to_two_objects_is_refused(team):
     assert "fact conflict" in res.output and subject in res.output and a_dir in res.output and b_dir in res.output
     assert "Atlantis" in res.output and "nothing was changed" in res.output
     assert git(b, "status", "--porcelain") == "" and git(b, "rev-parse", "HEAD") == head
+
+
+def test_an_automatic_checkpoint_seals_the_history_from_dvc(team):
+    """With `ledger.checkpoint_every: 1`, `editledger add` appends a checkpoint before the batch;
+    `dvc repro -P` computes it (its own stage) and the batch on top; DVC no longer sees the sealed
+    batches; verify from the checkpoint and from the base agree."""
+    a = team["a"]
+    dvc(a, "repro", "-P")  # alice2, added by the previous test
+    params = yaml.safe_load((a / "params.yaml").read_text())
+    params["ledger"] = {"checkpoint_every": 1}
+    (a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = {line.split(":")[0] for line in dvc(a, "stage", "list", "--all").stdout.splitlines()}
+    f = requests_file(a, "alice3", RECORDS[7:8])
+    out = cli(a, "add", "--requests", str(f)).output
+    assert "checkpoint after 1 batches" in out
+    ck, new = (line.split()[1].split("/")[1].rstrip(":") for line in out.splitlines() if line.startswith("added"))
+    ran = ran_stages(dvc(a, "repro", "-P").stdout)
+    assert ran[0] == f"ledger/{ck}/dvc.yaml:apply" and set(ran[1:]) == {
+        f"ledger/{new}/dvc.yaml:{s}" for s in ("keys_values", "apply", "evaluate")}
+    after = {line.split(":")[0] for line in dvc(a, "stage", "list", "--all").stdout.splitlines()}
+    assert not any(p.startswith("ledger/") and ck not in p and new not in p for p in after)  # the rest is sealed
+    assert len(before - after) >= 3 and ran_stages(dvc(a, "repro", "-P").stdout) == []
+    fast = cli(a, "verify", "--replay").output
+    assert f"from checkpoint {ck}" in fast and "ok: 2 entries verified (hash chain and replay)" in fast
+    assert "ok: " in cli(a, "verify", "--replay", "--full").output
+    log = json.loads(cli(a, "log", "--json").output)
+    assert [r["kind"] for r in log if r["status"] != "superseded"][-2:] == ["checkpoint", "edit"]
