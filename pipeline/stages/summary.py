@@ -92,28 +92,34 @@ def _health_columns(manifest: dict) -> dict:
             "guard_ratio": guard.get("ratio")}
 
 
+def _read_chain(ledger: Path, since_checkpoint: bool) -> tuple[dict, set, dict, pd.DataFrame | None,
+                                                                LedgerError | None]:
+    committed, active, n_active, sizes, index, problem = {}, set(), {}, {}, None, None
+    try:
+        for e, state in walk(ledger, missing_ok=True, since_checkpoint=since_checkpoint):
+            if since_checkpoint and not committed and e.kind == "checkpoint":
+                index = pd.read_parquet(e.path / INDEX_FILE)
+                sizes.update(zip(index["id"], index["n_requests"].fillna(0).astype(int)))
+            committed[e.dirname] = e
+            sizes[e.id] = len(e.requests) if e.kind == "edit" else 0
+            active = set(state.active)
+            n_active[e.dirname] = sum(sizes.get(i, 0) for i in state.active)
+    except LedgerError as exc:
+        if isinstance(exc, BeforeCheckpointError):
+            raise
+        problem = exc
+    return committed, active, n_active, index, problem
+
+
 def _chain_columns(ledger: Path) -> tuple[dict, set, dict, pd.DataFrame | None, LedgerError | None]:
     """From the last checkpoint on (the whole chain when an entry refers to one before it): the
     committed entries by directory, the active ids now, requests active after each entry, the
     checkpoint's table of the batches before it, and the first problem met (rows after it are
     marked, not dropped)."""
-    for since_checkpoint in (True, False):
-        committed, active, n_active, sizes, index, problem = {}, set(), {}, {}, None, None
-        try:
-            for e, state in walk(ledger, missing_ok=True, since_checkpoint=since_checkpoint):
-                if since_checkpoint and not committed and e.kind == "checkpoint":
-                    index = pd.read_parquet(e.path / INDEX_FILE)
-                    sizes.update(zip(index["id"], index["n_requests"].fillna(0).astype(int)))
-                committed[e.dirname] = e
-                sizes[e.id] = len(e.requests) if e.kind == "edit" else 0
-                active = set(state.active)
-                n_active[e.dirname] = sum(sizes.get(i, 0) for i in state.active)
-        except BeforeCheckpointError:
-            continue
-        except LedgerError as exc:
-            problem = exc
-        return committed, active, n_active, index, problem
-    raise AssertionError("unreachable: the full walk never raises BeforeCheckpointError")
+    try:
+        return _read_chain(ledger, since_checkpoint=True)
+    except BeforeCheckpointError:
+        return _read_chain(ledger, since_checkpoint=False)
 
 
 def ledger_table(ledger_dir: str | Path, *, before_seq: int | None = None) -> pd.DataFrame:
