@@ -163,18 +163,21 @@ def _noop(text: str) -> None:
 
 @app.command()
 def main(batches: int = typer.Option(1000, "--batches"), checkpoint_every: int = typer.Option(20, "--checkpoint-every"),
-         repeat: int = 3, out: Path = typer.Option(Path("benchmarks/results/ledger_scale.json"), "--out")):
-    tmp = Path(tempfile.mkdtemp(prefix="editledger-scale-"))
-    repo = make_project(tmp)
-    dvc(repo, "repro", "-P")  # the root stages, for real
+         repeat: int = 3, out: Path = typer.Option(Path("benchmarks/results/ledger_scale.json"), "--out"),
+         repo: Path = typer.Option(None, "--repo", help="time the commands on a project this script built before "
+                                                        "(its --batches/--checkpoint-every are recorded as given)")):
     res: dict = {"batches": batches, "checkpoint_every": checkpoint_every, "repeat": repeat, "cpus": os.cpu_count(),
                  "loadavg_start": load_now(), "project": "tests/pipeline_support.make_project (tiny Llama), "
                  "synthetic one-request batches"}
-    print(f"building {batches} batches in {repo}", flush=True)
-    res.update(build(repo, batches, checkpoint_every))
-    t0 = time.perf_counter()
-    dvc(repo, "commit", "-f", "-q")
-    res["dvc_commit_s"] = time.perf_counter() - t0
+    if repo is None:
+        repo = make_project(Path(tempfile.mkdtemp(prefix="editledger-scale-")))
+        dvc(repo, "repro", "-P")  # the root stages, for real
+        print(f"building {batches} batches in {repo}", flush=True)
+        res.update(build(repo, batches, checkpoint_every))
+        t0 = time.perf_counter()
+        dvc(repo, "commit", "-f", "-q")
+        res["dvc_commit_s"] = time.perf_counter() - t0
+    res["repo"] = str(repo)
     ed = str(BIN / "editledger")
     latest = sorted(p.name for p in (repo / "ledger").iterdir() if p.is_dir())[-1]
     res["noop_repro"] = timed([str(BIN / "dvc"), "repro", "-P"], repo, repeat, _noop)

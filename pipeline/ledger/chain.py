@@ -23,6 +23,7 @@ The *active* entries of a state are those with a net ``+1``; they are listed in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping, Protocol, Sequence
 
 from pipeline.ledger.entry import BASE
@@ -61,7 +62,7 @@ class ChainState:
     ops: tuple[Op, ...] = ()
     pending: PendingDrop | None = None
 
-    @property
+    @cached_property  # read for every entry; an ops list is as long as the history
     def active(self) -> tuple[str, ...]:
         net: dict[str, int] = {}
         for eid, sign in self.ops:

@@ -27,7 +27,9 @@ side's batches after the other's and writing ``superseded.json`` into each re-ap
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +101,11 @@ def scan_all(ledger_dir: str | Path, *, missing_ok: bool = False) -> list[EntryD
             return []
         raise LedgerNotFoundError(f"no ledger at {root}")
     out = []
-    for p in root.iterdir():
-        m = DIR_RE.match(p.name)
-        if m and p.is_dir():
-            out.append(EntryDir(p.name, p, int(m["seq"]), m["hash"]))
+    with os.scandir(root) as it:  # the directory's own listing: no stat per entry (10,000 batches: 10,000 stats)
+        for p in it:
+            m = DIR_RE.match(p.name)
+            if m and p.is_dir():
+                out.append(EntryDir(p.name, root / p.name, int(m["seq"]), m["hash"]))
     out.sort(key=lambda d: (d.seq, d.name))
     return out
 
@@ -122,10 +125,13 @@ def superseded_marker(d: EntryDir) -> dict | None:
 
 
 def split_lines(dirs: list[EntryDir]) -> tuple[list[EntryDir], list[EntryDir]]:
-    """``(main line, superseded)``: a directory is superseded when it holds ``superseded.json``."""
+    """``(main line, superseded)``: a directory is superseded when it holds ``superseded.json``.  Only
+    directories that share their number with another are looked at: a rebase re-appends a batch
+    after upstream's line, so each original it supersedes shares its number with upstream's."""
+    counts = Counter(d.seq for d in dirs)
     main, superseded = [], []
     for d in dirs:
-        (superseded if (d.path / SUPERSEDED_FILE).is_file() else main).append(d)
+        (superseded if counts[d.seq] > 1 and (d.path / SUPERSEDED_FILE).is_file() else main).append(d)
     return main, superseded
 
 
