@@ -252,14 +252,14 @@ def log(as_json: bool = typer.Option(False, "--json", help="machine-readable out
     if df.empty:
         typer.echo("the ledger is empty (add a batch with `editledger add --requests FILE`)")
         return
-    typer.echo(f"{'seq':>4}  {'directory':<17}  {'id':<12}  {'kind':<6}  {'method':<20}  {'n':>4}  {'status':<11}  "
+    typer.echo(f"{'seq':>4}  {'directory':<17}  {'id':<12}  {'kind':<10}  {'method':<20}  {'n':>4}  {'status':<11}  "
                f"{'active':<6}  {'eff pre→post':<13}  {'gen':<5}  {'spec':<5}")
     for r in df.astype(object).where(df.notna(), None).itertuples(index=False):
         what = (f"{r.method}{r.modifiers or ''}" if r.kind == "edit" else f"→ {r.target}" if r.kind == "revert"
-                else f"{r.mode} {r.target}")
+                else "(state kept whole)" if r.kind == "checkpoint" else f"{r.mode} {r.target}")
         f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
         eff = f"{f(r.pre_efficacy)}→{f(r.post_efficacy)}" if r.post_efficacy is not None else ""
-        typer.echo(f"{r.seq:>4}  {r.dir:<17}  {(r.id or '')[:12]:<12}  {r.kind or '?':<6}  {str(what)[:20]:<20}  "
+        typer.echo(f"{r.seq:>4}  {r.dir:<17}  {(r.id or '')[:12]:<12}  {r.kind or '?':<10}  {str(what)[:20]:<20}  "
                    f"{'' if r.n_requests is None else r.n_requests:>4}  {r.status:<11}  "
                    f"{'' if r.active is None else 'yes' if r.active else 'no':<6}  {eff:<13}  "
                    f"{f(r.post_generalization):<5}  {f(r.post_specificity):<5}")
