@@ -290,7 +290,7 @@ def blame(subject: str = typer.Argument(..., metavar="SUBJECT", help="the subjec
     for r in report["entries"]:
         state = "active" if r["active"] else f"not active ({r['removed_by']})" if r["removed_by"] else "not active"
         typer.echo(f"  {r['seq']:04d} {r['dir']}  {(r['id'] or '')[:12]:<12}  {r['method']:<10} {r['status']:<11} "
-                   f"{r['created_at'] or 'not computed':<20}  {r['prompt']}: {r['target_true']} → {r['target_new']}"
+                   f"{r['created_at'] or 'not computed':<20}  {r['prompt']}: {r['target_true'] or '?'} → {r['target_new']}"
                    f"  [{r['relation_id'] or '-'}]  {state}")
     for prompt, ans in report["answers"].items():
         for side in ("active", "base"):
