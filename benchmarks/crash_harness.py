@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny project of the test suite
 from pipeline_support import BIN, RECORDS, env as child_env  # noqa: E402
 from reliability_support import add_batch, build_project, cli, requests_file  # noqa: E402
 
-from pipeline.ledger import active_chain, entries, read_batch, read_requests, scan  # noqa: E402
+from pipeline.ledger import active_chain, read_batch, read_requests, scan  # noqa: E402
+from pipeline.ledger.store import load  # noqa: E402
 from pipeline.ledger.faults import CRASH_ENV  # noqa: E402
 from pipeline.ledger.layout import STATE_FILE, TMP_PREFIX  # noqa: E402
 
@@ -96,7 +97,7 @@ def check_ledger(repo: Path, *, replay: bool) -> str:
     out = cli(repo, "verify", *(["--replay"] if replay else [])).stdout
     if not out.startswith("ok:"):
         raise HarnessFailure(f"verify: {out}")
-    chain = entries(ledger)
+    chain, states = load(ledger)
     committed, ids = {e.dirname for e in chain}, {e.id for e in chain}
     for d in scan(ledger):
         batch = read_batch(d.path)  # complete inputs: a batch directory never appears half-written
@@ -104,8 +105,8 @@ def check_ledger(repo: Path, *, replay: bool) -> str:
             read_requests(d.path)
         if d.committed != (d.name in committed):
             raise HarnessFailure(f"{d.name}: state.json present but not read as an entry, or vice versa")
-    for e in chain:
-        if not set(e.active) <= ids:
+    for e, state in zip(chain, states):  # (the manifest's record of this set is checked by verify)
+        if not set(state.active) <= ids:
             raise HarnessFailure(f"{e.dirname}: lists an active entry that is not committed")
     if any(e.dirname not in committed for e in active_chain(ledger)):
         raise HarnessFailure("an uncommitted batch is active")
@@ -344,7 +345,7 @@ def run_harness(workdir: Path, kills: int, seed: int) -> dict:
         "uninterrupted_run_s": {k: {"first_ledger_change": round(a, 3), "end": round(b, 3)}
                                 for k, (a, b) in timings.items()},
         "delay_window": list(DELAY_WINDOW),
-        "entries_final": len(entries(repo / "ledger")) if error is None else None,
+        "entries_final": len(load(repo / "ledger")[0]) if error is None else None,
         "final_verify": final,
         "error": error,
         "failures": h.failures,

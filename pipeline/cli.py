@@ -40,12 +40,13 @@ def _user_errors():
     from pipeline.data import DataError
     from pipeline.export.files import ExportError
     from pipeline.ledger.errors import LedgerError
+    from pipeline.stages.audit import LogFilterError
     from pipeline.stages.common import StageError
     from pipeline.stages.probes import ProbeError
 
     return (DataError, ParamsError, HParamsError, MethodError, RequestError, AdapterError, ModelLoadError,
             CovarianceCacheError, OptimisationError, LedgerError, StageError, ProbeError, ExportError, UserError,
-            FileNotFoundError)
+            FileNotFoundError, LogFilterError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -161,7 +162,7 @@ def _edit(requests_path, out, method, model_path, params_path, engine, save_mode
 # ------------------------------------------------------------------------------------------- ledger
 
 def _project():
-    from pipeline.stages.common import Project
+    from pipeline.stages.project import Project
 
     return Project.find()
 
@@ -201,6 +202,7 @@ def _add(requests_path, method, params_path, iterative=None, neighbors=None):
     check_covariance_config(cfg, spec, hp)
     reqs = load_requests(requests_path)
     check_neighbor_requests(reqs, hp.neighbors)
+    _auto_checkpoint(project, cfg["ledger"]["checkpoint_every"])
     path = add_edit(project.ledger, reqs, spec.name, hp, engine=cfg["edit"]["engine"], seed=cfg["seed"],
                     stage_file=batch_dvc_yaml)
     typer.echo(f"added {_rel(project, path)}: {len(reqs)} requests, {spec.name}{hp.modifier_label}; "
@@ -236,28 +238,66 @@ def drop(
 
 
 @app.command()
-def log(as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+def log(as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+        method: str = typer.Option(None, "--method", help="only batches edited with METHOD"),
+        status: str = typer.Option(None, "--status", help="only batches with STATUS (committed, refused, pending, "
+                                                          "superseded, ...)"),
+        since: str = typer.Option(None, "--since", help="only entries committed on or after DATE (YYYY-MM-DD)"),
+        until: str = typer.Option(None, "--until", help="only entries committed on or before DATE (YYYY-MM-DD)"),
+        subject: str = typer.Option(None, "--subject", help="only batches whose requests name SUBJECT")):
     """List the ledger's batches: ids, kind, method, status, active, metrics."""
-    from pipeline.stages.summary import ledger_table
-
-    df = _guard(ledger_table, _project().ledger)
+    df = _guard(_log_table, method, status, since, until, subject)
     if as_json:
         typer.echo(df.astype(object).where(df.notna(), None).to_json(orient="records", indent=1))
         return
     if df.empty:
         typer.echo("the ledger is empty (add a batch with `editledger add --requests FILE`)")
         return
-    typer.echo(f"{'seq':>4}  {'directory':<17}  {'id':<12}  {'kind':<6}  {'method':<20}  {'n':>4}  {'status':<11}  "
+    typer.echo(f"{'seq':>4}  {'directory':<17}  {'id':<12}  {'kind':<10}  {'method':<20}  {'n':>4}  {'status':<11}  "
                f"{'active':<6}  {'eff pre→post':<13}  {'gen':<5}  {'spec':<5}")
     for r in df.astype(object).where(df.notna(), None).itertuples(index=False):
         what = (f"{r.method}{r.modifiers or ''}" if r.kind == "edit" else f"→ {r.target}" if r.kind == "revert"
-                else f"{r.mode} {r.target}")
+                else "(state kept whole)" if r.kind == "checkpoint" else f"{r.mode} {r.target}")
         f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
         eff = f"{f(r.pre_efficacy)}→{f(r.post_efficacy)}" if r.post_efficacy is not None else ""
-        typer.echo(f"{r.seq:>4}  {r.dir:<17}  {(r.id or '')[:12]:<12}  {r.kind or '?':<6}  {str(what)[:20]:<20}  "
+        typer.echo(f"{r.seq:>4}  {r.dir:<17}  {(r.id or '')[:12]:<12}  {r.kind or '?':<10}  {str(what)[:20]:<20}  "
                    f"{'' if r.n_requests is None else r.n_requests:>4}  {r.status:<11}  "
                    f"{'' if r.active is None else 'yes' if r.active else 'no':<6}  {eff:<13}  "
                    f"{f(r.post_generalization):<5}  {f(r.post_specificity):<5}")
+
+
+def _log_table(method, status, since, until, subject):
+    """The log's rows, filtered (every filter given must hold)."""
+    from pipeline.stages.audit import filter_log
+    from pipeline.stages.summary import ledger_table
+
+    ledger = _project().ledger
+    return filter_log(ledger_table(ledger), ledger, method=method, status=status, since=since, until=until,
+                      subject=subject)
+
+
+@app.command()
+def blame(subject: str = typer.Argument(..., metavar="SUBJECT", help="the subject, as written in the requests"),
+          relation: str = typer.Option(None, "--relation", help="only requests of this relation id (e.g. P103)"),
+          as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+    """Every entry whose requests name SUBJECT (active or not), and what the model answers now."""
+    from pipeline.stages.audit import blame_report
+
+    report = _guard(blame_report, _project(), subject, relation)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{subject}: {len(report['entries'])} request(s) in the ledger")
+    for r in report["entries"]:
+        state = "active" if r["active"] else f"not active ({r['removed_by']})" if r["removed_by"] else "not active"
+        typer.echo(f"  {r['seq']:04d} {r['dir']}  {(r['id'] or '')[:12]:<12}  {r['method']:<10} {r['status']:<11} "
+                   f"{r['created_at'] or 'not computed':<20}  {r['prompt']}: {r['target_true'] or '?'} → {r['target_new']}"
+                   f"  [{r['relation_id'] or '-'}]  {state}")
+    for prompt, ans in report["answers"].items():
+        for side in ("active", "base"):
+            a = ans[side]
+            probs = ", ".join(f"{c} {p:.3f}" for c, p in sorted(a["probs"].items(), key=lambda kv: -kv[1]))
+            typer.echo(f"  now, {side} model: {prompt} → {a['answer']}  ({probs})")
 
 
 @app.command()
@@ -359,13 +399,19 @@ def export_state(
 
 
 @app.command()
-def verify(replay: bool = typer.Option(False, "--replay", help="also rebuild the weights and check them bit for bit")):
+def verify(replay: bool = typer.Option(False, "--replay", help="also rebuild the weights and check them bit for bit"),
+           full: bool = typer.Option(False, "--full", help="from the first entry, not the last checkpoint; checks "
+                                                           "every checkpoint against the chain before it")):
     """Recompute the hash chain (and with --replay the weights); exit 1 naming the first bad entry."""
     from pipeline.ledger import verify as check
-    from pipeline.stages.common import base_model
+
+    def load_base():
+        from pipeline.stages.common import base_model  # the model code, only when weights are replayed
+
+        return base_model(project).model
 
     project = _project()
-    result = _guard(check, project.ledger, replay=replay, load_base=lambda: base_model(project).model)
+    result = _guard(check, project.ledger, replay=replay, load_base=load_base, full=full)
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
     if not result.ok:
@@ -392,6 +438,81 @@ def report(out: Path = typer.Option(Path("reports/latest"), "--out", help="outpu
         typer.echo(line)
     shown = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
     typer.echo(f"report: {shown / 'index.html'}   (these numbers as JSON: editledger report --json)")
+
+
+# ------------------------------------------------------------------------------------ collaboration
+
+def _upstream_dirs(project, ref: str | None) -> tuple[str, list[str]]:
+    """The batch directories of the upstream side of a merge: ``ref`` (a git revision), else the
+    merge in progress (``MERGE_HEAD``), else the branch's upstream (``@{upstream}``)."""
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(project.root), *args], capture_output=True, text=True)
+
+    if ref is None:
+        ref = "MERGE_HEAD" if git("rev-parse", "-q", "--verify", "MERGE_HEAD").returncode == 0 else "@{upstream}"
+    found = git("ls-tree", "-d", "--name-only", f"{ref}:ledger")
+    if found.returncode != 0:
+        raise UserError(f"cannot read upstream's ledger at git revision {ref!r} ({found.stderr.strip() or 'no ledger/'}); "
+                        "name upstream with --upstream REF (e.g. origin/main)")
+    return ref, found.stdout.split()
+
+
+@app.command()
+def rebase(
+    upstream: str = typer.Option(None, "--upstream", help="git revision of upstream (default: the merge in progress, "
+                                                          "else the branch's upstream)"),
+    skip: list[str] = typer.Option([], "--skip", help="leave this clone's batch DIR out (repeatable)"),
+    keep_local: bool = typer.Option(False, "--keep-local", help="re-append fact conflicts anyway (this clone's edit wins)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, change nothing"),
+):
+    """Resolve a forked ledger: keep upstream's batches, re-append this clone's after them."""
+    _guard(_rebase, upstream, skip, keep_local, dry_run)
+
+
+def _rebase(upstream, skip, keep_local, dry_run):
+    from pipeline.ledger.rebase import plan_rebase
+    from pipeline.ledger.rebase import rebase as run_rebase
+    from pipeline.stages.dvcfile import batch_dvc_yaml
+
+    project = _project()
+    ref, dirs = _upstream_dirs(project, upstream)
+    if dry_run:
+        plan = plan_rebase(project.ledger, dirs, skip=skip, keep_local=keep_local)
+    else:
+        plan = run_rebase(project.ledger, dirs, skip=skip, keep_local=keep_local, stage_file=batch_dvc_yaml)
+    typer.echo(f"upstream ({ref}) ends at {plan.onto}; fork point {plan.fork_point or 'none (no common batch)'}; "
+               f"{len(plan.upstream_after)} upstream and {len(plan.local)} local batch(es) since")
+    for old, new in plan.mapping.items():
+        typer.echo(f"  {old} → ledger/{new}")
+    for old in plan.skipped:
+        typer.echo(f"  {old} left out (--skip)")
+    typer.echo("dry run: nothing changed" if dry_run else
+               "re-appended; `dvc repro -P` computes the new batches (the originals stay, marked superseded)")
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+def _auto_checkpoint(project, every: int | None) -> None:
+    """``ledger.checkpoint_every`` of params.yaml: append a checkpoint before the batch when due."""
+    from pipeline.ledger.append import add_checkpoint, checkpoint_due
+    from pipeline.stages.dvcfile import batch_dvc_yaml
+
+    if checkpoint_due(project.ledger, every):
+        path = add_checkpoint(project.ledger, batch_dvc_yaml)
+        typer.echo(f"added {_rel(project, path)}: checkpoint after {every} batches (ledger.checkpoint_every)")
+
+
+@app.command()
+def checkpoint():
+    """Append a checkpoint: the current state kept whole, the batches before it sealed (flat costs)."""
+    from pipeline.ledger.append import add_checkpoint
+    from pipeline.stages.dvcfile import batch_dvc_yaml
+
+    project = _project()
+    path = _guard(add_checkpoint, project.ledger, batch_dvc_yaml)
+    typer.echo(f"added {_rel(project, path)} (checkpoint); `dvc repro -P` computes it")
 
 
 # ------------------------------------------------------------------------------------------- probes
@@ -527,16 +648,6 @@ def stage_export(fmt: str = typer.Option(..., "--format", help="peft | gguf")):
 
     r = _guard(stage.run, _project(), fmt)
     typer.echo(f"exports/{fmt}: the state after entry {r['entry_dir']} ({r['entry_id'][:12]}), {r['bytes']:,} bytes")
-
-
-@stage_app.command("summary")
-def stage_summary():
-    """Summarise the ledger into reports/summary.{parquet,json,html} and reports/history.csv."""
-    from pipeline.stages.summary import write_summary
-
-    project = _project()
-    metrics = _guard(write_summary, project.ledger, project.root / "reports", page_name="summary.html")
-    typer.echo(json.dumps(metrics))
 
 
 def main() -> None:  # pragma: no cover - console entry point

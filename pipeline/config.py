@@ -35,6 +35,9 @@ DEFAULTS: dict[str, Any] = {
     "guard": {"max_ppl_ratio": 2.0},
     # the optional `export` stage (dvc.yaml): the state after `entry` in each of `formats`; [] = off
     "export": {"formats": [], "entry": "head", "gguf_dtype": "f32", "peft_rtol": None},
+    # `editledger add` appends a checkpoint first once this many batches follow the last one (and all
+    # are computed): readers and DVC then start there, so their cost stays flat (docs/LEDGER.md); null = never
+    "ledger": {"checkpoint_every": 20},
 }
 
 EXPORT_FORMATS = ("peft", "gguf")  # `editledger export --format`, `export.formats`
@@ -91,6 +94,9 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
                               or ratio <= 0):
         raise ParamsError(f"guard.max_ppl_ratio must be a finite number > 0 or null (off), got {ratio!r}")
     _check_export(params["export"])
+    every = params["ledger"]["checkpoint_every"]
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise ParamsError(f"ledger.checkpoint_every must be an integer ≥ 1 or null (never), got {every!r}")
     return params
 
 

@@ -101,7 +101,7 @@ def make_project(tmp: Path, method: str = "pmet") -> Path:
     model_dir = make_model_dir(tmp)
     repo = tmp / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".gitattributes"):
         shutil.copy(ROOT / name, repo / name)
     (repo / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")

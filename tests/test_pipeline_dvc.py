@@ -6,7 +6,7 @@ that repository (a sibling directory, so that ``../shared/data`` still resolves)
 
 * everything verifies, replay included, and DVC reports the pipeline up to date;
 * a fresh ``git clone`` + ``dvc pull`` + ``dvc repro -P`` runs nothing;
-* changing batch 3 of 5 reruns exactly the stages of batches 3, 4, 5 (and the summary) — read from
+* changing batch 3 of 5 reruns exactly the stages of batches 3, 4, 5 — read from
   DVC's own output, not assumed;
 * ``kill -9`` of a DVC-run apply stage just before its commit point leaves a ledger that verifies,
   with the batch not active; the next ``dvc repro -P`` completes it;
@@ -83,7 +83,7 @@ def load_base(repo: Path):
 def test_five_batches_build_and_verify(project):
     repo, dirs = project["repo"], project["dirs"]
     assert len(dirs) == N_BATCHES and [d[:4] for d in dirs] == [f"{i:04d}" for i in range(1, 6)]
-    expected = ROOT_STAGES | {"summary"} | set().union(*(batch_stages(d) for d in dirs))
+    expected = ROOT_STAGES | set().union(*(batch_stages(d) for d in dirs))
     ran = ran_stages(project["repro"])
     assert set(ran) == expected and len(ran) == len(expected)
     for d in dirs:
@@ -103,15 +103,18 @@ def test_five_batches_build_and_verify(project):
     log = json.loads(cli(repo, "log", "--json").stdout)
     assert [r["status"] for r in log] == ["committed"] * 5 and all(r["active"] for r in log)
     assert all(r["post_efficacy"] is not None and r["n_requests"] == 2 for r in log)
-    summary = json.loads((repo / "reports" / "summary.json").read_text())
+    assert not (repo / "reports" / "summary.json").exists()  # the history is derived on demand, not a stage
+    cli(repo, "report", "--out", str(repo.parent / "report-five"))
+    summary = json.loads((repo.parent / "report-five" / "summary.json").read_text())
     assert summary["batches"] == 5 and summary["active_requests"] == 10
-    assert "<table>" in (repo / "reports" / "summary.html").read_text()
+    assert "<table>" in (repo.parent / "report-five" / "index.html").read_text()
 
 
 def test_evaluation_retention_collapse_and_history(project):
     """Every batch is evaluated on the unedited model, before, after, and on the earlier active edits;
-    the summary's row 0 is the unedited model; DVC sees the metrics and plots."""
-    repo, dirs = project["repo"], project["dirs"]
+    the report's row 0 is the unedited model; DVC sees each batch's metrics and the report's plots."""
+    repo, dirs = copy_of(project, "history"), project["dirs"]
+    cli(repo, "report")  # reports/latest/, where the root dvc.yaml's plots read the history
     ev = [json.loads((repo / "ledger" / d / "metrics.json").read_text()) for d in dirs]
     assert [e["retention"]["mode"] for e in ev] == ["none", "all", "all", "all", "all"]
     assert [e["retention"]["n_evaluated"] for e in ev] == [0, 2, 4, 6, 8]
@@ -124,7 +127,7 @@ def test_evaluation_retention_collapse_and_history(project):
     assert set(rows["phase"]) == {"base", "pre", "post", "retention"}
     ret = rows[rows["phase"] == "retention"]
     assert set(ret["batch"]) == set(dirs[:4]) and {"rank_new", "rank_true", "generation"} <= set(rows.columns)
-    hist = pd.read_parquet(repo / "reports" / "summary.parquet")
+    hist = pd.read_parquet(repo / "reports" / "latest" / "summary.parquet")
     assert hist["seq"].tolist() == list(range(6)) and hist["kind"][0] == "base"
     assert hist["n_active_requests"].tolist() == [0, 2, 4, 6, 8, 10]
     assert hist["ppl"][0] == ev[0]["perplexity"]["base"] and hist["ppl"][5] == ev[4]["perplexity"]["post"]
@@ -132,7 +135,7 @@ def test_evaluation_retention_collapse_and_history(project):
     assert hist["ret_efficacy"][5] == ev[4]["retention"]["metrics"]["counterfact"]["efficacy"]
     assert {"delta_norm_layer_1", "delta_norm_layer_2"} <= set(hist.columns)
     shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
-    assert any("reports/summary.json" in json.dumps(v) for v in shown.values())
+    assert all(f"ledger/{d}/metrics.json" in json.dumps(shown) for d in dirs)
     plots = json.loads(dvc(repo, "plots", "show", "--json", "--split").stdout)["data"]
     assert {"edit_success", "retention", "collapse_ppl", "fluency"} <= set(plots)
     assert "ME-PPL-50 perplexity" in json.dumps(plots["collapse_ppl"])
@@ -161,27 +164,27 @@ def test_changing_batch_3_reruns_exactly_batches_3_to_5(project):
     doc = yaml.safe_load(batch_yaml.read_text())
     assert doc["method"] == "pmet"
     batch_yaml.write_text(batch_yaml.read_text().replace("method: pmet", "method: memit"))
-    # DVC sees the change in batch 3's inputs only (and in the ledger folder the summary reads) ...
+    # DVC sees the change in batch 3's inputs only ...
     status = dvc(repo, "status").stdout
     changed = {line[:-1] for line in status.splitlines() if line.endswith(":") and not line[:1].isspace()}
-    assert changed == {f"ledger/{dirs[2]}/dvc.yaml:keys_values", f"ledger/{dirs[2]}/dvc.yaml:apply", "summary"}
+    assert changed == {f"ledger/{dirs[2]}/dvc.yaml:keys_values", f"ledger/{dirs[2]}/dvc.yaml:apply"}
     assert list(ledger_table(repo / "ledger")["status"]) == ["committed", "committed", "changed", "stale", "stale"]
     r = verify(repo / "ledger")
     assert not r.ok and r.first_bad.dirname == dirs[2] and "inputs changed" in r.first_bad.reason
-    # ... and the repro reruns exactly batches 3, 4 and 5 (and the ledger summary), nothing else
+    # ... and the repro reruns exactly batches 3, 4 and 5, nothing else
     ran = ran_stages(dvc(repo, "repro", "-P").stdout)
-    assert set(ran) == batch_stages(dirs[2]) | batch_stages(dirs[3]) | batch_stages(dirs[4]) | {"summary"}
-    assert len(ran) == 10
+    assert set(ran) == batch_stages(dirs[2]) | batch_stages(dirs[3]) | batch_stages(dirs[4])
+    assert len(ran) == 9
     after = ids(repo)
     assert [after[d] == before[d] for d in dirs] == [True, True, False, False, False]
     assert entries(repo / "ledger")[2].method == "memit"
     assert "ok: 5 entries verified (hash chain and replay)" in cli(repo, "verify", "--replay").stdout
     assert ran_stages(dvc(repo, "repro", "-P").stdout) == []
-    # the change of method shows at a glance against the committed history
-    diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)["reports/summary.json"]
-    assert "last.ppl" in diff and "base.ppl" not in diff  # the unedited model did not change
-    plots = json.loads(dvc(repo, "plots", "diff", "--json", "--split", "HEAD").stdout)["data"]
-    assert set(plots["collapse_ppl"][0]["revisions"]) == {"HEAD", "workspace"}
+    # the change of method shows at a glance against the committed history, batch by batch
+    diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)
+    assert f"ledger/{dirs[2]}/metrics.json" in diff and f"ledger/{dirs[0]}/metrics.json" not in diff
+    assert "perplexity.post" in diff[f"ledger/{dirs[2]}/metrics.json"]
+    assert "perplexity.base" not in diff[f"ledger/{dirs[2]}/metrics.json"]  # the unedited model did not change
 
 
 # --------------------------------------------------------------------------------------- (d)
@@ -231,9 +234,9 @@ def test_kill_9_during_apply_leaves_a_ledger_that_verifies(project):
     assert new not in {e.dirname for e in active_chain(L)}
     log = json.loads(cli(repo, "log", "--json").stdout)
     assert log[-1]["status"] == "interrupted" and log[-1]["active"] is None
-    # the next repro (no hook) completes it: keys_values already ran, so apply, evaluate, summary
+    # the next repro (no hook) completes it: keys_values already ran, so apply and evaluate
     ran = ran_stages(dvc(repo, "repro", "-P").stdout)
-    assert ran == [f"ledger/{new}/dvc.yaml:apply", f"ledger/{new}/dvc.yaml:evaluate", "summary"]
+    assert ran == [f"ledger/{new}/dvc.yaml:apply", f"ledger/{new}/dvc.yaml:evaluate"]
     assert [e.dirname for e in active_chain(L)][-1] == new
     assert "ok: 6 entries verified (hash chain and replay)" in cli(repo, "verify", "--replay").stdout
 

@@ -23,13 +23,21 @@ from typing import Any
 
 import yaml
 
-from pipeline.editing.solvers import SOLVERS
-from pipeline.models.attention import ATTENTION_CHOICES
 
 HPARAMS_DIR = Path(__file__).resolve().parent.parent / "hparams"
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _rule_label(solver: str) -> str:
+    """The update rule's label; the default rule has none, so a table of plain batches never
+    imports the rules (torch)."""
+    if solver == "closed_form":
+        return ""
+    from pipeline.editing.solvers import SOLVERS
+
+    return SOLVERS[solver].label if solver in SOLVERS else solver
 
 
 class HParamsError(ValueError):
@@ -136,6 +144,9 @@ class HParams:
         for name in ("v_dtype", "cov_dtype"):
             if getattr(self, name) not in COMPUTE_DTYPES:
                 raise HParamsError(f"{name} must be one of {', '.join(COMPUTE_DTYPES)}, got {getattr(self, name)!r}")
+        from pipeline.editing.solvers import SOLVERS  # torch: imported when hyper-parameters are checked,
+        from pipeline.models.attention import ATTENTION_CHOICES  # not when a table only reads them
+
         if self.v_attention not in ATTENTION_CHOICES:
             raise HParamsError(f"v_attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.v_attention!r}")
         if self.solver not in SOLVERS:
@@ -205,11 +216,23 @@ class HParams:
         """``'+iterative+na1'`` / ``'+nap2'`` / ``'+ns+nas'`` / ``''``: how ``log`` and the tables name a
         batch's modifiers and norm controls (the update rule's label, e.g. ``ns`` null space, ``jt``
         joint; ``nc`` ENCORE's norm term, ``mpes`` its early stop, ``nas`` norm anchoring)."""
-        label = "+iterative" if self.iterative else ""
-        if self.neighbors:
-            label += f"+{'nap' if self.neighbor_prefixes else 'na'}{self.neighbors}"
-        for on, name in ((bool(SOLVERS[self.solver].label), SOLVERS[self.solver].label), (self.norm_weight > 0, "nc"),
-                         (self.argmax_stop_steps > 0, "mpes"), (self.norm_anchor, "nas")):
+        return self.label_of(vars(self))
+
+    @classmethod
+    def label_of(cls, data: dict[str, Any]) -> str:
+        """:attr:`modifier_label` of hyper-parameters as a dict (absent fields at their defaults),
+        without building and validating them: tables of many batches only read them."""
+        defaults = {f.name: f.default for f in fields(cls)}
+
+        def get(name: str) -> Any:
+            return data.get(name, defaults[name])
+
+        label = "+iterative" if get("iterative") else ""
+        if get("neighbors"):
+            label += f"+{'nap' if get('neighbor_prefixes') else 'na'}{get('neighbors')}"
+        rule = _rule_label(get("solver"))
+        for on, name in ((bool(rule), rule), (get("norm_weight") > 0, "nc"),
+                         (get("argmax_stop_steps") > 0, "mpes"), (get("norm_anchor"), "nas")):
             label += f"+{name}" if on else ""
         return label
 

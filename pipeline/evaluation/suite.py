@@ -26,9 +26,9 @@ from pipeline.evaluation.consistency import Tfidf
 from pipeline.evaluation.fluency import fluency, ngram_entropy
 from pipeline.evaluation.generation import DecodingSettings, generate
 from pipeline.evaluation.protocols import evaluate, protocol_of
+from pipeline.evaluation.names import CONSISTENCY_KEY
 from pipeline.evaluation.retention import RetentionSettings
 
-CONSISTENCY_KEY = "consistency_ref_attr_wt2"
 CONSISTENCY_REFERENCE = {
     "metric": CONSISTENCY_KEY,
     "reference": "the record's CounterFact attribute_prompts, each completed with target_new",

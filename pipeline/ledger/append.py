@@ -30,7 +30,8 @@ from pipeline.ledger.commit import check_deltas, commit_drop, commit_edit, commi
 from pipeline.ledger.entry import BASE, DROP_MODES, Entry
 from pipeline.ledger.errors import (AlreadyRevertedError, BaseMismatchError, EntrySchemaError, LedgerError,
                                     NotActiveError, PendingDropError, StateMismatchError)
-from pipeline.ledger.layout import EntryDir, incomplete_entries, scan
+from pipeline.ledger import atomic
+from pipeline.ledger.layout import DVCIGNORE_FILE, EntryDir, incomplete_entries, last_checkpoint, scan
 from pipeline.ledger.lock import LedgerLock
 from pipeline.ledger.store import label, load, resolve_ref
 from pipeline.models.loading import model_fingerprint
@@ -59,15 +60,17 @@ def _pending_message(p: PendingDrop, chain: list[Entry]) -> str:
 
 
 def _unfinished_drop(dirs: list[EntryDir]) -> tuple[Batch, list[str]] | None:
-    """From batch.yaml alone: an exact drop at the end whose re-application batches are not all written."""
-    batches = [read_batch(d.path) for d in dirs]
-    i = len(batches) - 1
-    while i >= 0 and batches[i].kind == "edit" and batches[i].reapplies:
-        i -= 1
-    if i < 0 or batches[i].kind != "drop" or batches[i].mode != "exact":
+    """From batch.yaml alone: an exact drop at the end whose re-application batches are not all written.
+    Read from the end, as far as the re-application batches go (not the whole history)."""
+    tail: list[Batch] = []
+    for d in reversed(dirs):
+        tail.insert(0, read_batch(d.path))
+        if not (tail[0].kind == "edit" and tail[0].reapplies):
+            break
+    if not tail or tail[0].kind != "drop" or tail[0].mode != "exact":
         return None
-    done, plan = [b.reapplies for b in batches[i + 1:]], list(batches[i].reapply)
-    return (batches[i], plan[len(done):]) if len(done) < len(plan) else None
+    done, plan = [b.reapplies for b in tail[1:]], list(tail[0].reapply)
+    return (tail[0], plan[len(done):]) if len(done) < len(plan) else None
 
 
 def _committed(ledger: Path, what: str) -> tuple[list[EntryDir], list[Entry], list[ChainState]]:
@@ -205,6 +208,73 @@ def _add_drop(ledger: Path, target: str, mode: str, stage_file: StageFile | None
     return [path] + [_write_reapplication(ledger, dirs, d, stage_file) for d in originals]
 
 
+SEAL_HEADER = ("# Written by editledger: the batch directories a checkpoint seals (numbered below {seq}), hidden from\n"
+               "# DVC, which then neither walks nor checks them (docs/LEDGER.md, 'Thousands of batches').  Merged by\n"
+               "# union (.gitattributes); `editledger rebase` and `editledger checkpoint` rewrite it.\n")
+
+
+def write_seal(ledger_dir: str | Path, before_seq: int) -> None:
+    """``ledger/.dvcignore``: hide the batch directories numbered below ``before_seq`` (a checkpoint's
+    seq on the main line) from DVC.  One file of a few range patterns, so that DVC's walk of the
+    ledger does not grow with the history; a function of the main line alone, so two clones with
+    one history write the same bytes."""
+    from pipeline.ledger.layout import seal_patterns
+
+    atomic.write_text(Path(ledger_dir) / DVCIGNORE_FILE, SEAL_HEADER.format(seq=before_seq)
+                      + "".join(f"{p}\n" for p in seal_patterns(before_seq)))
+
+
+def reseal(ledger_dir: str | Path) -> None:
+    """Rewrite ``ledger/.dvcignore`` for the main line as it is: the last computed checkpoint on it
+    seals what is before it (none: nothing is sealed).  After a rebase another side's checkpoint may have left
+    batches sealed that this line still needs in DVC's pipeline."""
+    ck = last_checkpoint(scan(ledger_dir, missing_ok=True))  # a computed one: every batch before it is
+    if ck is not None:
+        write_seal(ledger_dir, ck.seq)
+    elif (Path(ledger_dir) / DVCIGNORE_FILE).exists():
+        write_seal(ledger_dir, 1)
+
+
+def add_checkpoint(ledger_dir: str | Path, stage_file: StageFile | None = None) -> Path:
+    """Write a checkpoint batch after the last entry, and seal every batch directory before it
+    (:func:`write_seal`): DVC then no longer walks, parses or checks them on every ``dvc repro``
+    (they are computed, and their entries are summarised by the checkpoint)."""
+    ledger = Path(ledger_dir)
+    with LedgerLock(ledger):
+        dirs = scan(ledger, missing_ok=True)
+        todo = [d.name for d in dirs if not d.committed]
+        if todo:
+            raise LedgerError(f"{len(todo)} batch(es) are not computed yet (first: {todo[0]}); run `dvc repro -P` "
+                              "before a checkpoint")
+        chain, states = load(ledger, missing_ok=True, since_checkpoint=True)
+        if not chain:
+            raise LedgerError("the ledger is empty: nothing to checkpoint")
+        if chain[-1].kind == "checkpoint":
+            raise LedgerError(f"the last entry, {label(chain[-1])}, already is a checkpoint")
+        if states[-1].pending is not None:
+            raise PendingDropError(_pending_message(states[-1].pending, chain))
+        seq, parent = _next(dirs)
+        path = write_batch_dir(ledger, Batch(seq, "checkpoint", parent), stage_file=stage_file)
+        write_seal(ledger, seq)
+        return path
+
+
+def batches_since_checkpoint(ledger_dir: str | Path) -> int:
+    """How many batch directories follow the last computed checkpoint (all of them if none)."""
+    dirs = scan(ledger_dir, missing_ok=True)
+    last = last_checkpoint(dirs)
+    return len(dirs) - (last.seq if last else 0)
+
+
+def checkpoint_due(ledger_dir: str | Path, every: int | None) -> bool:
+    """Should the next add append a checkpoint first: ``every`` batches follow the last one, all
+    computed (a checkpoint is made of committed entries; otherwise the next add tries again)."""
+    if every is None:
+        return False
+    dirs = scan(ledger_dir, missing_ok=True)
+    return bool(dirs) and all(d.committed for d in dirs) and batches_since_checkpoint(ledger_dir) >= every
+
+
 # -------------------------------------------------------------------------------- one-call API
 
 def append_edit(ledger_dir: str | Path, base_fingerprint: str, requests: Iterable[Any], method: str,
@@ -225,15 +295,16 @@ def append_edit(ledger_dir: str | Path, base_fingerprint: str, requests: Iterabl
     deltas = check_deltas(model, deltas)
     with LedgerLock(ledger):
         dirs = scan(ledger, missing_ok=True)
-        chain, states = load(ledger, missing_ok=True)
+        chain, states = load(ledger, missing_ok=True, since_checkpoint=True)
+        n = chain[-1].seq if chain else 0  # committed entries (the chain may start at a checkpoint)
         if chain and chain[0].base_fingerprint != base_fingerprint:
             raise BaseMismatchError(f"this ledger edits the base model {chain[0].base_fingerprint[:16]}…, "
                                     f"not {base_fingerprint[:16]}…")
         if states and states[-1].pending is not None:
             raise PendingDropError(_pending_message(states[-1].pending, chain))
-        seq, parent = _next(dirs[: len(chain)])
+        seq, parent = _next(dirs[:n])
         batch = Batch(seq, "edit", parent, method=method, engine=engine, seed=seed, hparams=hp)
-        extra = dirs[len(chain):]
+        extra = dirs[n:]
         retry = len(extra) == 1 and extra[0].name == batch.dirname([r.canonical() for r in reqs])
         if extra and not retry:
             raise LedgerError(f"batch {extra[0].name} is not committed yet; compute it (`dvc repro -P`) "
@@ -331,5 +402,5 @@ def append_drop(ledger_dir: str | Path, target: str, mode: str = "exact", *, bas
         return DropResult(new, model)
 
 
-__all__ = ["DropResult", "add_drop", "add_edit", "add_revert", "append_drop", "append_edit", "append_revert",
+__all__ = ["DropResult", "add_checkpoint", "add_drop", "add_edit", "add_revert", "batches_since_checkpoint", "checkpoint_due", "reseal", "write_seal", "append_drop", "append_edit", "append_revert",
            "plan_drop", "plan_revert"]

@@ -22,9 +22,10 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
+if TYPE_CHECKING:  # only for annotations: readers of a ledger need no torch
+    import torch
 
 from pipeline.data import sha256_file  # noqa: F401  (re-exported: the ledger hashes files with it)
 from pipeline.ledger.faults import fault_point

@@ -2,7 +2,9 @@
 
 ``batch.yaml`` says *what* the entry is, in terms known before any computation: its sequence
 number, its parent *directory*, its kind, and for an edit the method, the fully resolved
-hyper-parameters, the engine and the seed; for a revert/drop its target directory (and mode).
+hyper-parameters, the engine and the seed; for a revert/drop its target directory (and mode).  A
+batch that ``editledger rebase`` re-appended names the original it ``supersedes`` (absent
+otherwise, so that batches written before rebasing existed keep their names and hashes).
 References between batches are directory names, not entry ids, so that a changed batch upstream
 (a different history, see docs/LEDGER.md) can be recomputed by DVC without rewriting them; the
 ``apply`` stage resolves them to ids and records those in ``entry.json``.
@@ -43,12 +45,14 @@ _KIND_FIELDS = {
     "edit": ("method", "engine", "seed", "hparams", "reapplies"),
     "revert": ("target",),
     "drop": ("target", "mode", "reapply"),
+    "checkpoint": (),
 }
 _HEADER = {
     "edit": "# A batch of edit requests (requests.parquet), applied by the stages in dvc.yaml.\n",
     "revert": "# A revert: the active state becomes the state right after `target` (or the base model).\n",
     "drop": "# A drop: batch `target` leaves the active state (mode exact: the batches listed in `reapply`\n"
             "# are recomputed by the re-application batches that follow; mode fast: its delta is subtracted).\n",
+    "checkpoint": "# A checkpoint: the state after `parent`, kept whole so that readers start here; changes no weight.\n",
 }
 _FOOTER = ("# Written by editledger; the ledger never rewrites it.  Editing it by hand makes a different\n"
            "# history: `dvc repro -P` then recomputes this batch and every later one (docs/LEDGER.md).\n")
@@ -74,6 +78,7 @@ class Batch:
     target: str | None = None  # revert: directory or "base"; drop: directory
     mode: str | None = None  # drop: exact | fast
     reapply: tuple[str, ...] = field(default=())  # exact drop: directories of the batches to recompute
+    supersedes: str | None = None  # rebase: the directory of the batch this one re-appends (any kind)
 
     def __post_init__(self):
         self.validate()
@@ -83,6 +88,8 @@ class Batch:
             raise BatchError(f"unknown batch kind {self.kind!r}; expected one of {KINDS}")
         if not isinstance(self.seq, int) or isinstance(self.seq, bool) or self.seq < 1:
             raise BatchError(f"seq must be an integer ≥ 1, got {self.seq!r}")
+        if self.supersedes is not None and not _is_dir(self.supersedes):
+            raise BatchError(f"supersedes must be a batch directory name or absent, got {self.supersedes!r}")
         if self.parent is not None and not _is_dir(self.parent):
             raise BatchError(f"parent must be a batch directory name or null, got {self.parent!r}")
         if (self.parent is None) != (self.seq == 1):
@@ -100,6 +107,8 @@ class Batch:
                 raise BatchError(f"reapplies must be a batch directory name or null, got {self.reapplies!r}")
         elif self.parent is None:
             raise BatchError(f"a {self.kind} cannot be the first batch")
+        elif self.kind == "checkpoint":
+            pass  # only a parent: what it records is the state after it
         elif self.kind == "revert":
             if self.target != BASE and not _is_dir(self.target):
                 raise BatchError(f"revert target must be a batch directory name or {BASE!r}, got {self.target!r}")
@@ -118,6 +127,8 @@ class Batch:
         doc = {"kind": self.kind, **{k: _plain(getattr(self, k)) for k in _KIND_FIELDS[self.kind]}}
         if self.kind == "edit":
             doc["requests"] = canonical_requests
+        if self.supersedes is not None:
+            doc["supersedes"] = self.supersedes
         return doc
 
     def hash12(self, canonical_requests: list[dict] | None) -> str:
@@ -131,6 +142,8 @@ class Batch:
     def to_doc(self) -> dict:
         doc = {"seq": self.seq, "kind": self.kind, "parent": self.parent}
         doc.update({k: _plain(getattr(self, k)) for k in _KIND_FIELDS[self.kind]})
+        if self.supersedes is not None:
+            doc["supersedes"] = self.supersedes
         return doc
 
     def to_yaml(self) -> str:
@@ -145,7 +158,7 @@ class Batch:
         if kind not in _KIND_FIELDS:
             raise BatchError(f"unknown batch kind {kind!r}; expected one of {tuple(_KIND_FIELDS)}")
         allowed = {"seq", "kind", "parent", *_KIND_FIELDS[kind]}
-        extra = sorted(set(doc) - allowed)
+        extra = sorted(set(doc) - allowed - {"supersedes"})
         missing = sorted(allowed - set(doc))
         if extra or missing:
             raise BatchError(f"{kind} batch fields: missing {missing}, unexpected {extra}")

@@ -11,6 +11,7 @@ Rules (``prev`` is the state before the entry):
   An edit the collapse guard refused leaves the state as it was (``prev``).
 * revert to ``T``: the ops of the state after ``T`` (``()`` for the base).
 * drop fast ``X``: ``prev.ops + [(X, -1)]`` — approximate.
+* checkpoint: ``prev`` unchanged (it must record exactly ``prev.ops``; no drop may be unfinished).
 * drop exact ``X``: ``keep`` = the longest leading run of ``+1`` ops whose entries stay active;
   their deltas were computed on exactly that prefix, so they remain exact.  Every other entry that
   stays active is re-computed in order by the edit entries that follow (``reapplies`` = its id);
@@ -22,6 +23,7 @@ The *active* entries of a state are those with a net ``+1``; they are listed in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping, Protocol, Sequence
 
 from pipeline.ledger.entry import BASE
@@ -60,7 +62,7 @@ class ChainState:
     ops: tuple[Op, ...] = ()
     pending: PendingDrop | None = None
 
-    @property
+    @cached_property  # read for every entry; an ops list is as long as the history
     def active(self) -> tuple[str, ...]:
         net: dict[str, int] = {}
         for eid, sign in self.ops:
@@ -115,6 +117,13 @@ def step(prev: ChainState, entry: EntryLike, states: Mapping[str, ChainState],
         if getattr(entry, "refused", False):
             return ChainState(prev.ops, pending)
         return ChainState(prev.ops + ((entry.id, 1),), pending)
+
+    if entry.kind == "checkpoint":
+        if prev.pending is not None:
+            raise ChainError(f"a checkpoint while the exact drop {prev.pending.drop_id[:12]} is unfinished")
+        if tuple((eid, sign) for eid, sign in entry.content["state"]) != prev.ops:
+            raise ChainError("the checkpoint's recorded state is not the state after its parent")
+        return prev
 
     if entry.kind == "revert":
         if entry.target == BASE:

@@ -28,12 +28,13 @@ from torch import nn
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import Batch, read_batch, read_requests
 from pipeline.ledger.chain import EMPTY, ChainError, ChainState, exact_drop_plan, step
-from pipeline.ledger.entry import (BASE, SCHEMA, STATUS_REFUSED, Entry, build_manifest, content_status,
-                                   drop_content, edit_content, entry_id, revert_content, seal)
+from pipeline.ledger.entry import (BASE, SCHEMA, STATUS_REFUSED, Entry, build_manifest, checkpoint_content,
+                                   content_status, drop_content, edit_content, entry_id, revert_content, seal)
 from pipeline.ledger.errors import (BaseMismatchError, LedgerCorruptError, LedgerError, StateMismatchError)
 from pipeline.ledger.faults import fault_point
-from pipeline.ledger.layout import (DELTAS_FILE, ENTRY_FILE, EVAL_FILE, KEYS_FILE, METRICS_FILE, RECORDED_FILES,
-                                    STATE_FILE)
+from pipeline.ledger.layout import (DELTAS_FILE, ENTRY_FILE, EVAL_FILE, INDEX_FILE, KEYS_FILE, METRICS_FILE,
+                                    RECORDED_FILES, SNAPSHOT_FILE, STATE_FILE)
+from pipeline.ledger.replay import materialize
 from pipeline.ledger.store import dtype_name, load, load_deltas
 from pipeline.ledger.weights import Replayer, fingerprint_record
 from pipeline.models.loading import model_fingerprint
@@ -80,12 +81,14 @@ class Pending:
 
 
 def open_batch(batch_dir: str | Path) -> Pending:
-    """Read ``batch.yaml`` and the chain up to its parent; refuse an already committed batch."""
+    """Read ``batch.yaml`` and the chain up to its parent (from the last checkpoint, unless the batch
+    refers to an earlier entry by name); refuse an already committed batch."""
     path = Path(batch_dir).resolve()
     if (path / STATE_FILE).exists():
         raise LedgerError(f"{path.name} is already committed; the ledger never rewrites an entry")
     batch = read_batch(path)
-    chain, states = load(path.parent, upto=batch.parent) if batch.parent else ([], [])
+    refers = batch.reapplies is not None or batch.kind in ("revert", "drop")
+    chain, states = (load(path.parent, upto=batch.parent, since_checkpoint=not refers) if batch.parent else ([], []))
     atomic.remove_stale_temps(path)  # of an attempt that was killed mid-write
     return Pending(path, batch, chain, states)
 
@@ -107,10 +110,12 @@ def _write_state(path: Path, manifest: dict) -> str:
 
 def _commit(p: Pending, content: dict, *, fingerprints: dict, deltas: Mapping[str, torch.Tensor] | None = None,
             keys: Mapping[str, torch.Tensor] | None = None, timings: Mapping[str, float] | None = None,
-            metrics: Mapping[str, Any] | None = None) -> Entry:
+            metrics: Mapping[str, Any] | None = None, outputs: Mapping[str, bytes] | None = None) -> Entry:
     new_state = _plan(p, content)
     t0 = time.perf_counter()
     files = {ENTRY_FILE: atomic.write_json(p.path / ENTRY_FILE, content)}
+    for name, data in (outputs or {}).items():  # a checkpoint's snapshot and index
+        files[name] = atomic.write_bytes(p.path / name, data)
     if keys:
         files[KEYS_FILE] = atomic.write_safetensors(p.path / KEYS_FILE, {n: k.detach().contiguous().cpu()
                                                                           for n, k in keys.items()})
@@ -264,6 +269,40 @@ def commit_drop(batch_dir: str | Path, base_model: nn.Module, *, inplace: bool =
     return entry, model
 
 
+def touched_parameters(chain: list[Entry], ops: tuple) -> list[str]:
+    """Every parameter the operations change: the deltas' names, and a checkpoint's saved ones."""
+    by_id = {e.id: e for e in chain}
+    names = set(chain[0].manifest["metrics"]["parameters"]) if chain and chain[0].kind == "checkpoint" else set()
+    for eid, _ in ops:
+        if eid in by_id:
+            names.update(by_id[eid].delta_params)
+    return sorted(names)
+
+
+def commit_checkpoint(batch_dir: str | Path, base_model: nn.Module, index: bytes, *, inplace: bool = False) -> Entry:
+    """Commit a checkpoint: rebuild the state after its parent (from the previous checkpoint, checked
+    against the parent's recorded fingerprint), save its edited weights (``snapshot.safetensors``)
+    and ``index`` (the caller's summary of the batches before it, Parquet bytes)."""
+    p = open_batch(batch_dir)
+    if p.batch.kind != "checkpoint":
+        raise LedgerError(f"{p.path.name} is a {p.batch.kind} batch, not a checkpoint")
+    if p.state.pending is not None:
+        raise LedgerError(f"{p.path.name}: an exact drop is unfinished; a checkpoint comes after it")
+    t0 = time.perf_counter()
+    model = materialize(p.path.parent, p.parent.dirname, base_model, inplace=inplace)
+    names = touched_parameters(p.chain, p.state.ops)
+    record = fingerprint_record(model, names)
+    if record["model"] != p.current_fingerprint(p.base_fingerprint()):
+        raise LedgerCorruptError(p.parent.dirname, "rebuilding its state does not give the recorded weights; run "
+                                 "verify --replay", p.parent.id)
+    params = dict(model.named_parameters())
+    snapshot = atomic.safetensors_bytes({n: params[n].detach().contiguous().cpu() for n in names})
+    content = checkpoint_content(p.parent.id, p.base_fingerprint(), p.batch.seq - 1, p.state.ops)
+    return _commit(p, content, fingerprints={"before": record, "after": record},
+                   outputs={SNAPSHOT_FILE: snapshot, INDEX_FILE: index}, metrics={"parameters": names},
+                   timings={"rebuild_s": time.perf_counter() - t0})
+
+
 def write_evaluation(entry: Entry, rows: pd.DataFrame, doc: Mapping[str, Any]) -> dict:
     """Write ``eval.parquet`` then ``metrics.json`` (sealed, naming the entry and the Parquet's sha256)."""
     buf = io.BytesIO()
@@ -274,5 +313,5 @@ def write_evaluation(entry: Entry, rows: pd.DataFrame, doc: Mapping[str, Any]) -
     return sealed
 
 
-__all__ = ["Pending", "check_deltas", "check_finite_after", "commit_drop", "commit_edit", "commit_revert", "open_batch",
+__all__ = ["Pending", "check_deltas", "commit_checkpoint", "touched_parameters", "check_finite_after", "commit_drop", "commit_edit", "commit_revert", "open_batch",
            "write_evaluation"]

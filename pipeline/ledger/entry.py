@@ -17,6 +17,10 @@ Kinds
             recorded as new edit entries (the plan is listed in ``reapply``).  ``mode="fast"``: its
             delta is subtracted; the result is only approximately the state without it and the
             manifest says ``approximate: true``.
+``checkpoint`` changes no weight: it records the state after its parent (``state``: the delta
+            operations, so the id pins them) and keeps that state's edited weights and a summary
+            of every entry before it beside it, so that readers can start there instead of at the
+            first entry (:mod:`pipeline.ledger.checkpoint`).
 
 ``state.json`` (the manifest) is written last and makes the entry committed.  It records the id,
 sequence number, directory name, the sha256 of every other file of the entry that exists at that
@@ -41,7 +45,7 @@ from pipeline.ledger.atomic import canonical_json, sha256_json
 from pipeline.ledger.errors import EntrySchemaError
 
 SCHEMA = 1
-KINDS = ("edit", "revert", "drop")
+KINDS = ("edit", "revert", "drop", "checkpoint")
 DROP_MODES = ("exact", "fast")
 BASE = "base"  # revert target meaning "the base model, no edits"
 STATUS_COMMITTED = "committed"
@@ -54,6 +58,7 @@ _CONTENT_KEYS = {
              "reapplies"},
     "revert": {"schema", "kind", "parent", "base_fingerprint", "target"},
     "drop": {"schema", "kind", "parent", "base_fingerprint", "target", "mode", "reapply"},
+    "checkpoint": {"schema", "kind", "parent", "base_fingerprint", "covers", "state"},
 }
 _MANIFEST_KEYS = {"schema", "id", "seq", "dir", "kind", "parent", "status", "approximate", "active", "files",
                   "deltas", "fingerprints", "versions", "timings", "metrics", "created_at", "digest"}
@@ -129,6 +134,14 @@ def drop_content(parent: str, base_fingerprint: str, target: str, mode: str, rea
     return content
 
 
+def checkpoint_content(parent: str, base_fingerprint: str, covers: int, ops: Iterable[tuple[str, int]]) -> dict:
+    """A checkpoint after ``covers`` entries (the main line up to its parent), pinning the state's ops."""
+    content = {"schema": SCHEMA, "kind": "checkpoint", "parent": parent, "base_fingerprint": base_fingerprint,
+               "covers": covers, "state": [[eid, sign] for eid, sign in ops]}
+    validate_content(content)
+    return content
+
+
 def entry_id(content: Mapping[str, Any]) -> str:
     """sha256 over the canonical JSON of the entry content (what ``entry.json`` holds)."""
     return sha256_json(content)
@@ -174,6 +187,15 @@ def validate_content(content: Any) -> None:
             raise EntrySchemaError(f"revert target must be an entry id or {BASE!r}")
         if content["parent"] is None:
             raise EntrySchemaError("a revert cannot be the first entry")
+    elif kind == "checkpoint":
+        if content["parent"] is None:
+            raise EntrySchemaError("a checkpoint cannot be the first entry")
+        if not isinstance(content["covers"], int) or isinstance(content["covers"], bool) or content["covers"] < 1:
+            raise EntrySchemaError("checkpoint covers must be a positive number of entries")
+        ops = content["state"]
+        if not isinstance(ops, list) or not all(isinstance(o, list) and len(o) == 2 and is_id(o[0]) and o[1] in (1, -1)
+                                                for o in ops):
+            raise EntrySchemaError("checkpoint state must be a list of [entry id, ±1]")
     else:
         if not is_id(content["target"]):
             raise EntrySchemaError("drop target must be an entry id")
@@ -243,7 +265,7 @@ def build_manifest(*, content: Mapping[str, Any], seq: int, dirname: str, files:
     manifest = {
         "schema": SCHEMA, "id": entry_id(content), "seq": seq, "dir": dirname, "kind": content["kind"],
         "parent": content["parent"],
-        "status": content_status(content), "approximate": bool(approximate), "active": list(active),
+        "status": content_status(content), "approximate": bool(approximate), "active": active_record(active),
         "files": dict(files),
         "deltas": deltas, "fingerprints": fingerprints, "versions": library_versions(),
         "timings": {k: float(v) for k, v in (timings or {}).items()},
@@ -252,6 +274,19 @@ def build_manifest(*, content: Mapping[str, Any], seq: int, dirname: str, files:
     }
     manifest["digest"] = manifest_digest(manifest)
     return manifest
+
+
+def active_record(active: Iterable[str]) -> dict:
+    """How a manifest records the entries active after it: their number and the sha256 of the list.
+    (Entries written before thousands of batches were considered list the ids themselves; at a
+    batch a day that list makes the manifests grow quadratically: 3 GB after 10,000 batches.)"""
+    ids = list(active)
+    return {"n": len(ids), "sha256": sha256_json(ids)}
+
+
+def active_matches(recorded: Any, active: Iterable[str]) -> bool:
+    """Does a manifest's ``active`` (a list, or :func:`active_record`) record exactly ``active``?"""
+    return recorded == (list(active) if isinstance(recorded, list) else active_record(active))
 
 
 def check_manifest(manifest: Any) -> None:
@@ -345,8 +380,10 @@ class Entry:
         return bool(self.manifest["approximate"])
 
     @property
-    def active(self) -> list[str]:
-        return list(self.manifest["active"])
+    def active(self) -> list[str] | dict:
+        """The active entries as recorded: their ids (older entries) or :func:`active_record`."""
+        rec = self.manifest["active"]
+        return list(rec) if isinstance(rec, list) else dict(rec)
 
     @property
     def fingerprints(self) -> dict:
@@ -374,6 +411,8 @@ class Entry:
             out.update(method=self.method, n_requests=len(self.requests), requests=self.requests,
                        hparams=self.hparams, covariance_ids=self.covariance_ids, reapplies=self.reapplies,
                        deltas=self.delta_params, status=self.manifest["status"], guard=self.content.get("guard"))
+        elif self.kind == "checkpoint":
+            out.update(covers=self.content["covers"], state=self.content["state"])
         else:
             out.update(target=self.target, target_dir=self.batch.target if self.batch is not None else None)
             if self.kind == "drop":

@@ -36,6 +36,18 @@ class LedgerCorruptError(LedgerError):
         super().__init__(f"ledger entry {dirname}: {reason}")
 
 
+class LedgerForkError(LedgerCorruptError):
+    """Two batch directories with one sequence number: two clones appended in parallel and merged."""
+
+    def __init__(self, seq: int, dirs: list[str], described: list[str]):
+        self.dirs = list(dirs)
+        names = " and ".join(described)
+        super().__init__(dirs[0], f"the ledger forks at batch {seq:04d}: {names} both take that place "
+                         "(two clones appended in parallel and their histories were merged); keep one line: "
+                         "`editledger rebase` keeps upstream's batches and re-appends this clone's after them "
+                         "(docs/LEDGER.md, 'Working together')")
+
+
 class EntrySchemaError(LedgerError):
     """Entry content or manifest does not follow the schema."""
 

@@ -10,7 +10,6 @@ change of every recorded metric.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,11 @@ import torch
 from torch import nn
 
 from pipeline.ledger.atomic import canonical_json
-from pipeline.ledger.chain import ChainState
+from pipeline.ledger.chain import ChainState, is_prefix
 from pipeline.ledger.entry import BASE, Entry
-from pipeline.ledger.errors import BaseMismatchError, LedgerCorruptError
-from pipeline.ledger.store import dirname_of, load, load_deltas, read_evaluation, state_at
+from pipeline.ledger.layout import layer_of
+from pipeline.ledger.errors import BaseMismatchError, LedgerCorruptError, UnknownEntryError
+from pipeline.ledger.store import dirname_of, load, load_deltas, load_snapshot, read_evaluation, state_at
 from pipeline.ledger.weights import Replayer, check_record
 from pipeline.models.loading import model_fingerprint
 
@@ -33,15 +33,31 @@ def materialize(ledger_dir: str | Path, upto: str | None, base_model: nn.Module,
 
     Works on a deep copy of ``base_model`` unless ``inplace``.  With ``check`` (default) the base
     fingerprint is checked first and the result against the recorded 'after' fingerprint.  A
-    sequence number or directory name reads the ledger only up to that entry.
+    sequence number or directory name reads the ledger only up to that entry.  A state that
+    extends the last checkpoint's starts from its saved weights; any other is rebuilt from the base.
     """
-    chain, states = load(ledger_dir, upto=dirname_of(ledger_dir, upto))
+    stop = dirname_of(ledger_dir, upto)
+    chain, states = load(ledger_dir, upto=stop, since_checkpoint=True)
+    checkpoint = chain[0] if chain and chain[0].kind == "checkpoint" else None
+    try:
+        target, state = state_at(chain, states, upto)
+    except UnknownEntryError:
+        if checkpoint is None:
+            raise
+        checkpoint = None  # it names an entry before the checkpoint
+    if checkpoint is not None and not is_prefix(states[0].ops, state.ops):
+        checkpoint = None
+    if checkpoint is None and chain and chain[0].kind == "checkpoint":
+        chain, states = load(ledger_dir, upto=stop)
+        target, state = state_at(chain, states, upto)
     model = base_model if inplace else copy.deepcopy(base_model)
     if check and chain and model_fingerprint(model) != chain[0].base_fingerprint:
         raise BaseMismatchError("base_model is not the ledger's base model (fingerprint differs)")
-    target, state = state_at(chain, states, upto)
     by_id = {e.id: e for e in chain}
-    Replayer(model, lambda eid: load_deltas(by_id[eid])).goto(state.ops)
+    rep = Replayer(model, lambda eid: load_deltas(by_id[eid]))
+    if checkpoint is not None:
+        rep.start_from(states[0].ops, load_snapshot(checkpoint))
+    rep.goto(state.ops)
     if check and target != BASE:
         why = check_record(model, target.fingerprints["after"])
         if why:
@@ -74,15 +90,6 @@ class LedgerDiff:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-_LAYER_RE = re.compile(r"\.(\d+)\.")
-
-
-def layer_of(name: str) -> str:
-    """The layer number in a parameter name ("model.layers.3.mlp.down_proj.weight" → "3"), else "other"."""
-    m = _LAYER_RE.search(name)
-    return m.group(1) if m else "other"
 
 
 def _side(ref: str, target: Entry | str, state: ChainState, by_id: dict[str, Entry]) -> Side:

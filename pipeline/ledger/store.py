@@ -15,19 +15,20 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
-import torch
+if TYPE_CHECKING:  # only for annotations: readers of a ledger need no torch
+    import torch
 
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import BatchError, read_batch
 from pipeline.ledger.chain import EMPTY, ChainError, ChainState, PendingDrop, step
-from pipeline.ledger.entry import (BASE, Entry, check_manifest, content_status, entry_id, manifest_digest,
-                                   validate_content)
+from pipeline.ledger.entry import (BASE, Entry, active_matches, check_manifest, content_status, entry_id,
+                                   manifest_digest, validate_content)
 from pipeline.ledger.errors import (AmbiguousIdError, EntrySchemaError, LedgerCorruptError, LedgerError,
                                     UnknownEntryError)
 from pipeline.ledger.layout import (BATCH_FILE, DELTAS_FILE, DIR_RE, ENTRY_FILE, EVAL_FILE, KEYS_FILE, METRICS_FILE,
-                                    STATE_FILE, EntryDir, incomplete_entries, scan)
+                                    SNAPSHOT_FILE, STATE_FILE, EntryDir, incomplete_entries, last_checkpoint, scan)
 
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 MIN_PREFIX = 4
@@ -148,6 +149,14 @@ def load_deltas(entry: Entry) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def load_snapshot(entry: Entry) -> dict[str, torch.Tensor]:
+    """A checkpoint's saved weights, after checking the file against the manifest's sha256."""
+    data = _read_bytes(entry.path, SNAPSHOT_FILE, entry.dirname, entry.id)
+    if atomic.sha256_bytes(data) != entry.manifest["files"].get(SNAPSHOT_FILE):
+        raise LedgerCorruptError(entry.dirname, f"{SNAPSHOT_FILE} does not match its sha256 in the manifest", entry.id)
+    return _load_safetensors(entry, data)
+
+
 def load_keys(entry: Entry) -> dict[str, torch.Tensor] | None:
     """An edit entry's keys ("role@layer" → ``[N, d_in]``), checked against the manifest's sha256;
     None for an entry written before keys were kept."""
@@ -184,14 +193,33 @@ def read_evaluation(entry: Entry) -> dict | None:
     return doc
 
 
+class BeforeCheckpointError(LedgerError):
+    """A reader that started at a checkpoint met an entry referring to one before it (a revert or
+    drop far back): :func:`load` then reads the whole chain."""
+
+
+def _references(e: Entry, state: ChainState) -> list[str]:
+    """The earlier entries ``step`` reads for ``e``: its revert/drop target, re-application original,
+    exact-drop plan, and the original a pending drop expects next."""
+    refs = [x for x in (e.target, e.reapplies, *e.reapply_plan) if x is not None and x != BASE]
+    if state.pending is not None:
+        refs.append(state.pending.remaining[0])
+    return refs
+
+
 def walk(ledger_dir: str | Path, *, check_files: bool = False, missing_ok: bool = False,
-         upto: str | None = None) -> Iterator[tuple[Entry, ChainState]]:
+         upto: str | None = None, since_checkpoint: bool = False) -> Iterator[tuple[Entry, ChainState]]:
     """Yield ``(entry, state after it)`` for committed entries in order, checking the chain.
 
     ``upto`` (a directory name) stops after that entry.  Raises :class:`LedgerCorruptError` at the
     first entry that fails: unreadable or modified files, a committed entry after an uncommitted
     one, a wrong parent, another base model, fingerprints that do not connect to the previous
     entry, or a structurally impossible revert/drop.
+
+    ``since_checkpoint`` starts at the last computed checkpoint (at or before ``upto``): it is
+    yielded first, with the state it records, and the entries before it are not read (it was
+    checked against them when it was made; ``verify --full`` checks it again).  An entry after it
+    that refers to one before it raises :class:`BeforeCheckpointError`.
     """
     states: dict[str, ChainState] = {}
     by_id: dict[str, Entry] = {}
@@ -199,7 +227,22 @@ def walk(ledger_dir: str | Path, *, check_files: bool = False, missing_ok: bool 
     first: Entry | None = None
     state = EMPTY
     gap: EntryDir | None = None
-    for d in scan(ledger_dir, missing_ok=missing_ok):
+    dirs = scan(ledger_dir, missing_ok=missing_ok)
+    start = last_checkpoint(dirs, upto) if since_checkpoint else None
+    if start is not None:
+        prev = first = read_entry(start, check_files=check_files)
+        if prev.kind != "checkpoint":
+            raise LedgerCorruptError(start.name, f"holds {SNAPSHOT_FILE} but is a {prev.kind} entry", prev.id)
+        state = ChainState(tuple((eid, sign) for eid, sign in prev.content["state"]))
+        if not active_matches(prev.manifest["active"], state.active):
+            raise LedgerCorruptError(start.name, "the recorded active entries differ from the checkpoint's state",
+                                     prev.id)
+        states[prev.id], by_id[prev.id] = state, prev
+        yield prev, state
+        if upto == start.name:
+            return
+        dirs = dirs[start.seq:]
+    for d in dirs:
         if not d.committed:
             gap = gap or d
             if upto == d.name:
@@ -223,8 +266,11 @@ def walk(ledger_dir: str | Path, *, check_files: bool = False, missing_ok: bool 
         before_fp = prev.fingerprints["after"]["model"] if prev else e.base_fingerprint
         if e.fingerprints["before"]["model"] != before_fp:
             raise bad("its 'before' weight fingerprint is not the previous state's")
-        if e.refused and e.fingerprints["after"] != e.fingerprints["before"]:
-            raise bad("a refused batch must leave the weights as they were ('after' differs from 'before')")
+        if (e.refused or e.kind == "checkpoint") and e.fingerprints["after"] != e.fingerprints["before"]:
+            raise bad(f"a {'refused batch' if e.refused else 'checkpoint'} must leave the weights as they were "
+                      "('after' differs from 'before')")
+        if start is not None and any(r not in by_id for r in _references(e, state)):
+            raise BeforeCheckpointError(f"{d.name} refers to an entry before the checkpoint {start.name}")
         try:
             state = step(state, e, states, by_id)
         except ChainError as exc:
@@ -233,7 +279,7 @@ def walk(ledger_dir: str | Path, *, check_files: bool = False, missing_ok: bool 
             target_fp = e.base_fingerprint if e.target == BASE else by_id[e.target].fingerprints["after"]["model"]
             if e.fingerprints["after"]["model"] != target_fp:
                 raise bad("its 'after' fingerprint is not the fingerprint of the state it reverts to")
-        if e.active != list(state.active) or e.approximate != state.approximate:
+        if not active_matches(e.manifest["active"], state.active) or e.approximate != state.approximate:
             raise bad("the recorded active entries / approximate flag differ from what the chain implies")
         states[e.id] = state
         by_id[e.id] = e
@@ -245,12 +291,17 @@ def walk(ledger_dir: str | Path, *, check_files: bool = False, missing_ok: bool 
         raise UnknownEntryError(f"no batch directory {upto!r} in {ledger_dir}")
 
 
-def load(ledger_dir: str | Path, *, missing_ok: bool = False,
-         upto: str | None = None) -> tuple[list[Entry], list[ChainState]]:
+def load(ledger_dir: str | Path, *, missing_ok: bool = False, upto: str | None = None,
+         since_checkpoint: bool = False) -> tuple[list[Entry], list[ChainState]]:
+    """The committed chain (from the last checkpoint with ``since_checkpoint``, whenever the
+    entries after it do not refer to older ones) and the state after each entry."""
     chain, states = [], []
-    for e, s in walk(ledger_dir, missing_ok=missing_ok, upto=upto):
-        chain.append(e)
-        states.append(s)
+    try:
+        for e, s in walk(ledger_dir, missing_ok=missing_ok, upto=upto, since_checkpoint=since_checkpoint):
+            chain.append(e)
+            states.append(s)
+    except BeforeCheckpointError:
+        return load(ledger_dir, missing_ok=missing_ok, upto=upto)
     return chain, states
 
 
@@ -311,7 +362,7 @@ def state_at(chain: list[Entry], states: list[ChainState], upto: str | None) -> 
     if upto is None:
         return (chain[-1], states[-1]) if chain else (BASE, EMPTY)
     t = resolve_ref(chain, upto)
-    return (t, EMPTY) if t == BASE else (t, states[t.seq - 1])
+    return (t, EMPTY) if t == BASE else (t, states[next(i for i, e in enumerate(chain) if e is t)])
 
 
 def dirname_of(ledger_dir: str | Path, ref: str | None) -> str | None:
@@ -351,5 +402,5 @@ def pending_drop(ledger_dir: str | Path) -> PendingDrop | None:
     return states[-1].pending if states else None
 
 
-__all__ = ["MIN_PREFIX", "active_chain", "dirname_of", "entries", "label", "load", "load_deltas", "pending_drop",
+__all__ = ["BeforeCheckpointError", "MIN_PREFIX", "active_chain", "dirname_of", "entries", "label", "load", "load_deltas", "load_snapshot", "pending_drop",
            "read_entry", "read_evaluation", "replay_plan", "resolve_ref", "show", "state_at", "walk"]

@@ -5,7 +5,8 @@ parameter it keeps a copy of that parameter's base value (a growing
 :class:`~pipeline.models.weights.Snapshot`), so it can return to the base bit-exactly (``copy_``)
 instead of subtracting, and then replay any operation list.  Going forward along the same history
 (the new ops extend the current ones) only applies the new deltas; anything else is a reset to the
-base plus a full replay.  Deltas are added with :func:`pipeline.models.weights.apply_deltas`, the
+base plus a full replay.  ``start_from`` jumps to a checkpoint's state by copying its saved
+weights, so that only the operations after it are replayed.  Deltas are added with :func:`pipeline.models.weights.apply_deltas`, the
 same code path the editor used, so replay is bit-exact with the recorded fingerprints.
 """
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from pipeline.ledger.chain import Op, is_prefix
 from pipeline.models.loading import model_fingerprint, weights_fingerprint
-from pipeline.models.weights import Snapshot, apply_deltas
+from pipeline.models.weights import Snapshot, apply_deltas, set_weights
 
 DeltaLoader = Callable[[str], Mapping[str, torch.Tensor]]
 
@@ -74,6 +75,13 @@ class Replayer:
         self._base.extend(d)  # valid: a parameter not saved yet has never been changed through this replayer
         apply_deltas(self.model, dict(d), sign)
         self.ops = self.ops + (op,)
+
+    def start_from(self, ops: Sequence[Op], weights: Mapping[str, torch.Tensor]) -> None:
+        """Be in the state ``ops`` whose edited weights are ``weights`` (a checkpoint's snapshot)."""
+        self.reset()
+        self._base.extend(weights)  # the base values, saved before they are overwritten
+        set_weights(self.model, weights)
+        self.ops = tuple(ops)
 
     def goto(self, ops: Sequence[Op]) -> None:
         ops = tuple(ops)

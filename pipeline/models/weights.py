@@ -31,6 +31,16 @@ def apply_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor], sign: int
         p.add_(d.to(p.device, p.dtype), alpha=sign)
 
 
+@torch.no_grad()
+def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy saved values into parameters (a ledger checkpoint's weights): bit for bit, no arithmetic."""
+    params = dict(model.named_parameters())
+    for name, w in weights.items():
+        if name not in params or params[name].shape != w.shape or params[name].dtype != w.dtype:
+            raise ValueError(f"saved weight {name} does not fit the model (name, shape or dtype)")
+        params[name].copy_(w.to(params[name].device))
+
+
 class Snapshot:
     """Saved copies of some of a model's parameters, to return to them bit for bit.
 

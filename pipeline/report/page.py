@@ -9,11 +9,11 @@ from __future__ import annotations
 import base64
 import html
 import json
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 
-from pipeline.evaluation.suite import CONSISTENCY_KEY
+from pipeline.evaluation.names import CONSISTENCY_KEY
 from pipeline.report.plots import FIGURES
 
 TABLE_COLUMNS = ["seq", "dir", "kind", "method", "status", "active", "n_requests", "n_active_requests",
@@ -85,11 +85,43 @@ def _notes(settings: dict | None) -> str:
     return "<ul class=note>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
 
-def html_page(history: pd.DataFrame, metrics: dict, settings: dict | None) -> str:
+def _row(r: Mapping[str, Any], cols: list[str], requests: Mapping[str, list[dict]]) -> str:
+    """A history row; its directory links to the batch's requests (an auditor goes from a plot
+    point, labelled with the batch's seq, to this row, to the requests behind it)."""
+    cells = []
+    for c in cols:
+        v = r[c]
+        if c == "dir" and v in requests:
+            cells.append(f"<td class=l><a href='#requests-{html.escape(str(v))}'>{_cell(v)}</a></td>")
+        else:
+            cells.append(f"<td>{_cell(v)}</td>")
+    return f"<tr id='batch-{html.escape(str(r['dir']))}'>" + "".join(cells) + "</tr>"
+
+
+def _requests_section(requests: Mapping[str, list[dict]]) -> str:
+    """One table per batch: the canonical requests it asked for, each a fact and its new object."""
+    if not requests:
+        return ""
+    parts = ["<h2>Requests per batch</h2>"]
+    for d, reqs in requests.items():
+        rows = "".join(f"<tr><td class=l>{html.escape(str(q['prompt']).replace('{}', str(q['subject'])))}</td>"
+                       f"<td class=l>{_cell(q.get('target_true'))}</td><td class=l>{_cell(q['target_new'])}</td>"
+                       f"<td class=l>{_cell(q.get('relation_id'))}</td><td>{_cell(q.get('case_id'))}</td></tr>"
+                       for q in reqs)
+        parts.append(f"<h3 id='requests-{html.escape(d)}'><a href='#batch-{html.escape(d)}'>{html.escape(d)}</a>: "
+                     f"{len(reqs)} request(s)</h3><table><thead><tr><th class=l>fact</th><th class=l>was</th>"
+                     f"<th class=l>requested</th><th class=l>relation</th><th>case</th></tr></thead>"
+                     f"<tbody>{rows}</tbody></table>")
+    return "".join(parts)
+
+
+def html_page(history: pd.DataFrame, metrics: dict, settings: dict | None,
+              requests: Mapping[str, list[dict]] | None = None) -> str:
+    """The page; ``requests`` (batch directory → its canonical requests) links each batch to them."""
+    requests = requests or {}
     cols = [c for c in TABLE_COLUMNS if c in history.columns]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "\n".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>"
-                     for r in history[cols].astype(object).itertuples(index=False))
+    body = "\n".join(_row(r, cols, requests) for r in history[cols].astype(object).to_dict("records"))
     figures = "".join(_img(fn(history), title) for title, fn in FIGURES)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>editledger history report</title>"
             f"<style>{STYLE}</style></head><body>"
@@ -100,6 +132,7 @@ def html_page(history: pd.DataFrame, metrics: dict, settings: dict | None) -> st
             f"<h2>Last evaluated batch beside its baselines</h2>{_headline(history)}{_notes(settings)}"
             f"<h2>History</h2>{figures}"
             f"<h2>All batches</h2><table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
+            f"{_requests_section(requests)}"
             "<p class=note>Every column (magnitudes, accuracies, per-layer norms, timings) is in "
             "<code>summary.parquet</code>; per-prompt results in each batch's <code>eval.parquet</code>.</p>"
             f"<details><summary>summary.json</summary><pre>{html.escape(json.dumps(metrics, indent=2))}</pre>"

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pipeline.evaluation.suite import CONSISTENCY_KEY  # noqa: E402
+from pipeline.evaluation.names import CONSISTENCY_KEY  # noqa: E402
 
 COLORS = {"efficacy": "tab:blue", "generalization": "tab:orange", "specificity": "tab:green", "score": "tab:red"}
 
@@ -57,6 +57,9 @@ def edit_metrics(history: pd.DataFrame) -> bytes:
     for m, c in COLORS.items():
         drawn |= _series(ax, df, f"post_{m}", color=c, marker="o", label=f"{m} (batch)")
         drawn |= _series(ax, df, f"ret_{m}", color=c, marker="x", linestyle="--", label=f"{m} (retained)")
+    for r in df[df["kind"] == "edit"].itertuples():  # each point names its batch: the table links its requests
+        ax.annotate(str(r.seq), (float(r.n_active_requests), float(r.post_efficacy)), textcoords="offset points",
+                    xytext=(0, 5), ha="center", fontsize=7, color="tab:blue")
     if not drawn:
         _empty(ax, "evaluated batch")
     else:

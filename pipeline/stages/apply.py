@@ -7,7 +7,9 @@
   (:mod:`pipeline.stages.guard`: a refused batch is committed as refused and changes no weights),
   and commit the deltas.  A non-finite update stops the batch before anything is written;
 * revert: commit the target state's recorded fingerprints (no weights are computed);
-* drop: rebuild the new state from the base (exact) or subtract the batch's delta (fast), commit.
+* drop: rebuild the new state from the base (exact) or subtract the batch's delta (fast), commit;
+* checkpoint: rebuild the state after its parent, save its edited weights and the history table of
+  every batch before it (what ``editledger log`` then reads instead of those batches), commit.
 
 Committing writes ``entry.json``, ``deltas.safetensors`` and, last, ``state.json``
 (:mod:`pipeline.ledger.commit`); a process killed before that leaves no entry.
@@ -22,6 +24,7 @@ import torch
 
 from pipeline.editing.driver import Replay, drive
 from pipeline.ledger import commit_drop, commit_edit, commit_revert, read_batch
+from pipeline.ledger.commit import commit_checkpoint
 from pipeline.ledger.entry import Entry
 from pipeline.ledger.layout import KV_FILE, STATE_FILE
 from pipeline.ledger.store import load
@@ -30,6 +33,7 @@ from pipeline.stages.common import (Project, RuleInputs, StageError, base_model,
                                     rule_inputs)
 from pipeline.stages.covariance import cached_covariances
 from pipeline.stages.guard import judge
+from pipeline.stages.summary import ledger_table, parquet_bytes
 from pipeline.stages.targets_file import read_targets
 
 
@@ -103,5 +107,8 @@ def run(batch_dir: str | Path) -> Entry:
         return apply_edit(batch_dir)
     if batch.kind == "revert":
         return commit_revert(batch_dir)
+    if batch.kind == "checkpoint":
+        index = ledger_table(project.ledger, before_seq=batch.seq)
+        return commit_checkpoint(batch_dir, base_model(project).model, parquet_bytes(index), inplace=True)
     entry, _ = commit_drop(batch_dir, base_model(project).model, inplace=True)
     return entry

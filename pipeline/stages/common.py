@@ -1,4 +1,4 @@
-"""What the DVC stages share: where the project's files are, its parameters, the base model.
+"""What the DVC stages share: the project (:mod:`pipeline.stages.project`), its parameters, the base model.
 
 Root stages run with the repository root as working directory; batch stages run inside their
 batch directory ``ledger/<seq>-<hash12>/``, so the root is two levels up.  Everything a stage
@@ -9,7 +9,6 @@ by ``data/model.json``, the history by the parent's ``state.json``).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pipeline.config import load_params
 from pipeline.data import sha256_file
 from pipeline.editing.covariance import Corpus, spectra
 from pipeline.editing.hparams import HParams, load_hparams
@@ -28,51 +26,13 @@ from pipeline.editing.spread import written_projections
 from pipeline.editing.targets import anchor_norms
 from pipeline.models.adapters import adapter_for
 from pipeline.models.loading import GGUF_SOURCES, LoadedModel, cache_home, load_model
+from pipeline.stages.project import Project  # noqa: F401  (re-exported: where every stage finds the project)
 
 CORPUS = Path("data/wikitext/wikitext2_raw_test.txt")  # the data stage's verified copy
 
 
 class StageError(RuntimeError):
     """A stage cannot run with the project as it is; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Project:
-    root: Path
-
-    @classmethod
-    def find(cls, start: str | Path | None = None) -> Project:
-        """``$EDITLEDGER_ROOT``, else the nearest directory (from ``start`` or the cwd up) holding
-        ``.dvc/`` (batch directories hold a dvc.yaml too, so that is not the marker), else the cwd."""
-        if os.environ.get("EDITLEDGER_ROOT"):
-            return cls(Path(os.environ["EDITLEDGER_ROOT"]).resolve())
-        here = Path(start or Path.cwd()).resolve()
-        for p in (here, *here.parents):
-            if (p / ".dvc").is_dir():
-                return cls(p)
-        return cls(here)
-
-    @classmethod
-    def of_batch(cls, batch_dir: str | Path) -> Project:
-        return cls(Path(batch_dir).resolve().parent.parent)
-
-    ledger = property(lambda self: self.root / "ledger")
-    data = property(lambda self: self.root / "data")
-    model_dir = property(lambda self: self.root / "data" / "model")
-    model_json = property(lambda self: self.root / "data" / "model.json")
-    covariance_dir = property(lambda self: self.root / "data" / "covariance")
-    params_file = property(lambda self: self.root / "params.yaml")
-
-    def path(self, value: str | Path) -> Path:
-        """A path from params.yaml: absolute, or relative to the project root."""
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else self.root / p
-
-    def params(self, path: str | Path | None = None) -> dict[str, Any]:
-        """params.yaml (or ``path``), with defaults filled in."""
-        if path is not None:
-            return load_params(path)
-        return load_params(self.params_file if self.params_file.exists() else None)
 
 
 def resolve_hparams(project: Project, cfg: dict, method: str, iterative: bool | None = None,

@@ -13,8 +13,8 @@ from pipeline.editing.driver import interleaves
 from pipeline.editing.hparams import HParams
 from pipeline.editing.methods import get_method
 from pipeline.ledger.batch import Batch
-from pipeline.ledger.layout import (BATCH_FILE, DELTAS_FILE, ENTRY_FILE, EVAL_FILE, KEYS_FILE, KV_FILE, METRICS_FILE,
-                                    REQUESTS_FILE, STATE_FILE, TRACE_FILE)
+from pipeline.ledger.layout import (BATCH_FILE, DELTAS_FILE, ENTRY_FILE, EVAL_FILE, INDEX_FILE, KEYS_FILE, KV_FILE,
+                                    METRICS_FILE, REQUESTS_FILE, SNAPSHOT_FILE, STATE_FILE, TRACE_FILE)
 
 # data the evaluate stage reads (outputs of the root data stage): ME-PPL-50, and the WikiText sample
 # on which the consistency metric's IDF is fitted
@@ -32,6 +32,9 @@ def batch_stages(batch: Batch) -> dict:
     parent_state = f"../{batch.parent}/{STATE_FILE}" if batch.parent else None
     model = "../../data/model.json"
     upstream = [parent_state] if parent_state else []
+    if batch.kind == "checkpoint":  # no dependency on the batches it seals: DVC no longer sees them
+        return {"stages": {"apply": {"cmd": "editledger stage apply --batch .", "deps": [BATCH_FILE, model],
+                                     "outs": [ENTRY_FILE, SNAPSHOT_FILE, INDEX_FILE, STATE_FILE]}}}
     if batch.kind != "edit":
         deps = [*upstream, BATCH_FILE] + ([] if batch.kind == "revert" else [model])
         return {"stages": {"apply": {"cmd": "editledger stage apply --batch .", "deps": deps,

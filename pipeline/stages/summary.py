@@ -10,7 +10,8 @@ change per layer.  Status is
 ``pending`` (not computed yet), ``interrupted`` (an apply died before its commit
 point), ``changed`` (its inputs were edited after it was applied) or ``stale`` (an earlier batch
 is pending or changed) — ``dvc repro -P`` recomputes both — ``invalid`` (fails its checks: run
-``editledger verify``) or ``unverified`` (after an invalid one).
+``editledger verify``), ``unverified`` (after an invalid one) or ``superseded`` (re-appended
+elsewhere by ``editledger rebase``: history, off the main line, listed after the main line).
 
 :func:`history_table` puts the unedited model in front as row 0 (``seq`` 0, kind ``base``): its
 ``post_`` numbers are the ``base_`` numbers of all evaluated batches pooled (weighted by their
@@ -21,6 +22,7 @@ headline numbers for ``dvc metrics`` (``summary.json``) and the HTML report.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -28,13 +30,13 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.editing.hparams import HParams
-from pipeline.evaluation.suite import CONSISTENCY_KEY
+from pipeline.evaluation.names import CONSISTENCY_KEY
 from pipeline.ledger import atomic
 from pipeline.ledger.batch import BatchError, read_batch
 from pipeline.ledger.errors import LedgerCorruptError, LedgerError
-from pipeline.ledger.layout import REQUESTS_FILE, scan
-from pipeline.ledger.replay import layer_of
-from pipeline.ledger.store import read_evaluation, walk
+from pipeline.ledger.layout import (INDEX_FILE, REQUESTS_FILE, STATE_FILE, EntryDir, layer_of, scan, scan_all,
+                                    split_lines)
+from pipeline.ledger.store import BeforeCheckpointError, read_evaluation, walk
 
 HEADLINE = ("efficacy", "generalization", "specificity", "score")
 METRICS = (*HEADLINE, *(f"{m}_{q}" for q in ("magnitude", "accuracy") for m in HEADLINE[:3]), "fluency",
@@ -90,31 +92,48 @@ def _health_columns(manifest: dict) -> dict:
             "guard_ratio": guard.get("ratio")}
 
 
-def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
-    """One row per batch directory, in sequence order (see the module docstring)."""
-    ledger = Path(ledger_dir)
-    committed, active, n_active, problem = {}, set(), {}, None
-    sizes: dict[str, int] = {}
+def _read_chain(ledger: Path, since_checkpoint: bool) -> tuple[dict, set, dict, pd.DataFrame | None,
+                                                                LedgerError | None]:
+    committed, active, n_active, sizes, index, problem = {}, set(), {}, {}, None, None
     try:
-        for e, state in walk(ledger, missing_ok=True):
+        for e, state in walk(ledger, missing_ok=True, since_checkpoint=since_checkpoint):
+            if since_checkpoint and not committed and e.kind == "checkpoint":
+                index = pd.read_parquet(e.path / INDEX_FILE)
+                sizes.update(zip(index["id"], index["n_requests"].fillna(0).astype(int)))
             committed[e.dirname] = e
             sizes[e.id] = len(e.requests) if e.kind == "edit" else 0
             active = set(state.active)
-            n_active[e.dirname] = sum(sizes[i] for i in state.active)
+            n_active[e.dirname] = sum(sizes.get(i, 0) for i in state.active)
     except LedgerError as exc:
+        if isinstance(exc, BeforeCheckpointError):
+            raise
         problem = exc
+    return committed, active, n_active, index, problem
+
+
+def _chain_columns(ledger: Path) -> tuple[dict, set, dict, pd.DataFrame | None, LedgerError | None]:
+    """From the last checkpoint on (the whole chain when an entry refers to one before it): the
+    committed entries by directory, the active ids now, requests active after each entry, the
+    checkpoint's table of the batches before it, and the first problem met (rows after it are
+    marked, not dropped)."""
+    try:
+        return _read_chain(ledger, since_checkpoint=True)
+    except BeforeCheckpointError:
+        return _read_chain(ledger, since_checkpoint=False)
+
+
+def ledger_table(ledger_dir: str | Path, *, before_seq: int | None = None) -> pd.DataFrame:
+    """One row per batch directory, in sequence order (see the module docstring); the main line's
+    rows stop before ``before_seq`` (a checkpoint's own table).  The batches a checkpoint seals come
+    from its table, so the cost follows the batches since the last checkpoint, not the history."""
+    ledger = Path(ledger_dir)
+    committed, active, n_active, index, problem = _chain_columns(ledger)
+    main = scan(ledger, missing_ok=True)
     rows = []
-    for d in scan(ledger, missing_ok=True):
-        row = dict.fromkeys(COLUMNS)
-        row.update(seq=d.seq, dir=d.name, status=d.status)
-        try:
-            b = read_batch(d.path)
-            row.update(kind=b.kind, method=b.method, target=b.target, mode=b.mode, reapplies=b.reapplies)
-            if b.kind == "edit":
-                row["modifiers"] = HParams.from_dict(b.hparams).modifier_label
-                row["n_requests"] = len(pd.read_parquet(d.path / REQUESTS_FILE, columns=["index"]))
-        except (BatchError, OSError, ValueError):
-            row["status"] = "invalid"
+    for d in main[0 if index is None else len(index[index["status"] != "superseded"]):]:
+        if before_seq is not None and d.seq >= before_seq:
+            break
+        row = _batch_row(d)
         e = committed.get(d.name)
         if e is not None:
             row.update(id=e.id, active=e.id in active, approximate=e.approximate, created_at=e.manifest["created_at"],
@@ -128,12 +147,58 @@ def ledger_table(ledger_dir: str | Path) -> pd.DataFrame:
         elif d.committed:
             row["status"] = _broken(problem, d.name)
         rows.append(row)
-    layers = sorted({k for r in rows for k in r if k.startswith("delta_norm_layer_")},
-                    key=lambda k: (not k[17:].isdigit(), int(k[17:]) if k[17:].isdigit() else 0, k))
+    sealed = set(index["dir"]) if index is not None else set()
+    for d in split_lines(scan_all(ledger, missing_ok=True))[1]:
+        if d.name not in sealed:
+            row = _batch_row(d)
+            row.update(status="superseded", active=False, **_superseded_manifest(d))
+            rows.append(row)
+    layers = {k for r in rows for k in r if k.startswith("delta_norm_layer_")}
+    if index is not None:
+        layers |= {c for c in index.columns if c.startswith("delta_norm_layer_")}
+    layers = sorted(layers, key=lambda k: (not k[17:].isdigit(), int(k[17:]) if k[17:].isdigit() else 0, k))
     df = pd.DataFrame(rows, columns=COLUMNS + layers)
+    if index is not None:  # the sealed batches, as the checkpoint recorded them; active as of now
+        old = index.reindex(columns=COLUMNS + layers).astype(object)
+        old["active"] = [i in active if s != "superseded" else False for i, s in zip(old["id"], old["status"])]
+        df = pd.concat([old[old["status"] != "superseded"], df.astype(object), old[old["status"] == "superseded"]],
+                       ignore_index=True)
+        df = df.sort_values("status", key=lambda col: col == "superseded", kind="stable", ignore_index=True)
+        df = df.infer_objects()
     for col in ("n_requests", "n_active_requests", "retention_n", "retention_available", "min_projector_rank"):
         df[col] = df[col].astype("Int64")
     return df
+
+
+def parquet_bytes(df: pd.DataFrame) -> bytes:
+    """A table as Parquet bytes (a checkpoint's index is written by the ledger, atomically)."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _batch_row(d: EntryDir) -> dict:
+    """The columns a batch directory's add-time inputs give (``invalid`` when they are unreadable)."""
+    row = dict.fromkeys(COLUMNS)
+    row.update(seq=d.seq, dir=d.name, status=d.status)
+    try:
+        b = read_batch(d.path)
+        row.update(kind=b.kind, method=b.method, target=b.target, mode=b.mode, reapplies=b.reapplies)
+        if b.kind == "edit":
+            row["modifiers"] = HParams.label_of(b.hparams)
+            row["n_requests"] = len(pd.read_parquet(d.path / REQUESTS_FILE, columns=["index"]))
+    except (BatchError, OSError, ValueError):
+        row["status"] = "invalid"
+    return row
+
+
+def _superseded_manifest(d: EntryDir) -> dict:
+    """Id and time of a superseded batch's entry, if it was ever computed (``verify`` checks it)."""
+    try:
+        m = json.loads((d.path / STATE_FILE).read_text(encoding="utf-8"))
+        return {"id": m["id"], "created_at": m["created_at"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _broken(problem: LedgerError | None, name: str) -> str:
@@ -181,7 +246,7 @@ def summary_metrics(history: pd.DataFrame) -> dict:
     """Headline numbers for ``dvc metrics show/diff``: counts, the unedited model (``base``), the
     last evaluated batch (``last``: its own requests, the retained ones, perplexity), and the
     post-edit metrics of the active batches pooled (``active_post``)."""
-    df = history[history["kind"] != "base"]
+    df = history[(history["kind"] != "base") & (history["status"] != "superseded")]
     edits = df[(df["kind"] == "edit") & (df["active"] == True)]  # noqa: E712  (nullable column)
     out = {"batches": int(len(df)), "committed": int((df["status"] == "committed").sum()),
            "refused": int((df["status"] == "refused").sum()),
@@ -253,5 +318,18 @@ def write_summary(ledger_dir: str | Path, out_dir: Path, *, page_name: str = "in
     atomic.write_parquet(out_dir / "summary.parquet", history)
     atomic.write_text(out_dir / "summary.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     atomic.write_text(out_dir / "history.csv", history[PLOT_COLUMNS].to_csv(index=False, float_format="%.6g"))
-    atomic.write_text(out_dir / page_name, html_page(history, metrics, latest_settings(ledger_dir, history)))
+    atomic.write_text(out_dir / page_name, html_page(history, metrics, latest_settings(ledger_dir, history),
+                                                     batch_requests(ledger_dir)))
     return metrics
+
+
+def batch_requests(ledger_dir: str | Path) -> dict[str, list[dict]]:
+    """Batch directory → its canonical requests (from the add-time ``requests.parquet``), for the
+    report's links from each batch to what it asked for."""
+    out = {}
+    for d in scan_all(ledger_dir, missing_ok=True):
+        try:
+            out[d.name] = [json.loads(x) for x in pd.read_parquet(d.path / REQUESTS_FILE, columns=["canonical"])["canonical"]]
+        except (OSError, ValueError, KeyError):
+            continue  # a revert or drop has none; an unreadable one is `verify`'s to report
+    return out
