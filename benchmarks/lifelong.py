@@ -236,6 +236,28 @@ def write_table(rdir: Path, methods: list[str], n: int, batch: int) -> Path:
     return path
 
 
+def seed_variant(src: Path, dst: Path, n: int, batch: int, start: int) -> None:
+    """Start ``dst`` with the batches the same variant made in ``src``, a run on the same first
+    records in batches of the same size: its curve rows, targets and settings (the code and
+    hyper-parameters it ran with, which the rest of the history must keep)."""
+    import shutil
+
+    label = src.parent.name.rsplit("_n", 1)[-1]  # "2000_b100_s0"
+    src_n, src_b, src_s = (int(x.lstrip("bs")) for x in label.split("_"))
+    if (src_b, src_s) != (batch, start) or src_n > n:
+        raise typer.BadParameter(f"--seed-from {src.parent} edits {src_n} records from {src_s} in batches of {src_b}: "
+                                 f"not the first batches of {n} from {start} in batches of {batch}")
+    rows = read_jsonl(src / "curve.jsonl")
+    if not rows:
+        raise typer.BadParameter(f"--seed-from: {src} has no batches of this variant")
+    (dst / "targets").mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        shutil.copy2(src / "targets" / f"{r['batch']:04d}.safetensors", dst / "targets" / f"{r['batch']:04d}.safetensors")
+    shutil.copy2(src / "settings.json", dst / "settings.json")
+    (dst / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    typer.echo(f"{dst.name}: seeded with {len(rows)} batches from {src}")
+
+
 def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT) -> None:
     """Pin a history to the hyper-parameters and code it started with: resuming it with others
     would silently mix two settings in one curve.  The code is ``pipeline/`` at the recorded
@@ -266,10 +288,12 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
          retention_sample: int = 100, retention_every: int = 1, ppl_every: int = 5,
          hparams: str = "smollm2-135m-instruct", overrides: str = "{}",
          out: Path = ROOT / "benchmarks" / "results", skip_fluency: bool = False, table_only: bool = False,
-         growth_only: bool = False):
+         growth_only: bool = False, seed_from: Path | None = None):
     """Edit ``n`` requests in batches of ``batch`` with each variant; resumable (see the module doc).
     ``--growth-only`` writes ``growth.json`` for histories that have finished, from their
-    checkpoints; it edits nothing, so it runs on any commit."""
+    checkpoints; it edits nothing, so it runs on any commit.  ``--seed-from RUN_DIR``: a variant
+    not started here begins with the batches another run of it already made on the same first
+    records (the 10,000-edit stream's first 2,000 edits are the 2,000-edit stream)."""
     if n < 1 or batch < 1 or n % batch:
         raise typer.BadParameter(f"--n ({n}) must be a positive multiple of --batch ({batch})")
     if retention_sample < 1 or retention_every < 1 or ppl_every < 1:
@@ -323,6 +347,8 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
         mdir.mkdir(exist_ok=True)
         (mdir / "machine.json").write_text(json.dumps(machine, indent=2))  # per variant: histories may differ
         curve_path = mdir / "curve.jsonl"
+        if seed_from is not None and not curve_path.exists():
+            seed_variant(seed_from / m, mdir, n, batch, start)
         curve = read_jsonl(curve_path)
         check_settings(mdir / "settings.json", hp, bool(curve))
         model.load_state_dict(base_state)

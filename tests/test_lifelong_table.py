@@ -130,3 +130,21 @@ def test_a_checkpoint_round_trips_weights_and_history(ll, tmp_path):
     assert set(weights) == {"a.weight"} and torch.equal(weights["a.weight"], state["a.weight"])
     assert set(again) == set(history) and torch.equal(again["mlp_out@1"], history["mlp_out@1"])
     assert ll.norm_ratios({"w": 2 * torch.ones(2)}, {"w": torch.ones(2)}, {"w"}) == {"w": 2.0}
+
+
+def test_a_longer_stream_is_seeded_with_the_batches_a_shorter_one_made_on_the_same_records(ll, tmp_path):
+    src = tmp_path / "lifelong_n2000_b100_s0" / "memit+joint"
+    (src / "targets").mkdir(parents=True)
+    rows = [{"batch": b, "edits": 100 * b} for b in (1, 2)]
+    (src / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (src / "settings.json").write_text('{"hparams": {}, "commit": "abc"}\n')
+    for b in (1, 2):
+        (src / "targets" / f"{b:04d}.safetensors").write_bytes(b"t%d" % b)
+    dst = tmp_path / "lifelong_n10000_b100_s0" / "memit+joint"
+    ll.seed_variant(src, dst, 10000, 100, 0)
+    assert ll.read_jsonl(dst / "curve.jsonl") == rows
+    assert (dst / "targets" / "0002.safetensors").read_bytes() == b"t2"
+    assert (dst / "settings.json").read_text() == (src / "settings.json").read_text()
+    for n, batch, start in ((10000, 1, 0), (1000, 100, 0), (10000, 100, 10000)):  # not its first batches
+        with pytest.raises(ll.typer.BadParameter, match="not the first batches"):
+            ll.seed_variant(src, tmp_path / "other" / "memit+joint", n, batch, start)
