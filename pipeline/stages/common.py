@@ -19,7 +19,8 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.data import sha256_file
-from pipeline.editing.covariance import Corpus, spectra
+from pipeline.corpus import Corpus, CorpusError
+from pipeline.editing.covariance import spectra
 from pipeline.editing.hparams import HParams, load_hparams
 from pipeline.editing.history import history_of
 from pipeline.editing.methods import Method, get_method, sites_of
@@ -140,10 +141,11 @@ def user_cache(project: Project, cfg: dict) -> Path:
 
 
 def corpus(project: Project, cfg: dict) -> Corpus:
-    path = project.path(cfg["corpus"]["path"]) if cfg["corpus"]["path"] else project.root / CORPUS
-    if not path.exists():
-        raise StageError(f"covariance corpus {path} does not exist (the data stage writes the default one)")
-    return Corpus.from_file(path)
+    """The configured covariance corpus (params.yaml ``corpus:``; default: the data stage's WikiText copy)."""
+    try:
+        return Corpus.configured(cfg["corpus"], project.root / CORPUS, project.path)
+    except (FileNotFoundError, CorpusError) as exc:
+        raise StageError(f"{exc} (the data stage writes the default corpus)") from None
 
 
 def base_model(project: Project, device: str | None = None) -> LoadedModel:
