@@ -14,27 +14,35 @@ Sources (:meth:`Corpus.open`):
   resolves to; the prefix keeps a mistyped path from becoming a network look-up).
 
 **The cut** (:func:`windows`).  Texts are stripped and empty ones skipped; the texts are joined by
-``"\\n"`` into one token stream, which is cut into consecutive windows of ``max_length`` tokens (the
+``"\n"`` into one token stream, which is cut into consecutive windows of ``max_length`` tokens (the
 tokenizer's BOS token first where it adds one), the last one shorter.  To stream, each text is
-tokenised on its own with the separator attached (``text + "\\n"``; the last text without).  For
-byte-level BPE tokenizers (SmolLM2, GPT-2/J, NeoX, Qwen, Llama-3) this gives the tokens of the
-whole joined text, which is what the earlier reader tokenised — so the default covariance keeps
-its cache key and its bits.  ``max_texts`` keeps the first texts, ``max_tokens`` the first tokens
-of the stream.
+tokenised on its own with the separator attached (``text + "\n"``; the last text without), in
+blocks of :data:`BLOCK_TEXTS` texts per tokenizer call.  For SmolLM2's tokenizer (byte-level BPE
+that splits at line breaks before merging) this gives exactly the tokens of the whole joined text,
+which is what the earlier reader tokenised — so the default covariance keeps its cache key and its
+bits.  For a text file the counting pass checks this on the file's first 4 MiB; where it does not
+hold, the cache key says that texts were tokenised one by one (:func:`key_fields`), so an entry of
+the earlier reader is never taken for it.  ``max_texts`` keeps the first texts, ``max_tokens`` the
+first tokens of the stream.
 
 **Fingerprint** (:attr:`Corpus.sha256`): the content, never the path: a single file's sha256 (what
 the earlier reader keyed on), over several files the sha256 of their names and hashes, for a saved
 dataset that of its Arrow files, for a Hub dataset its name and commit.
 
 **Counting pass** (:func:`summarise`): a cache key names the number of tokens and windows (as it
-always did), so they are counted before anything is looked up — one tokenisation of the corpus,
-remembered in a small index (``<cache>/corpus/``, ``$EDITLEDGER_CORPUS_INDEX``; ``off``: none) keyed
-by the corpus fingerprint, the tokenizer and the cut.
+always did), so they are counted before anything is looked up: one tokenisation of the corpus,
+which records every block's token count and sha256, remembered in a small index
+(``<cache>/corpus/``, ``$EDITLEDGER_CORPUS_INDEX``; ``off``: none) keyed by the corpus fingerprint,
+the tokenizer and the cut.  With the block counts a rank of a sharded pass knows where its batches'
+tokens lie and tokenises only those blocks (:func:`shard_batches`), checking each against its
+sha256; under ``torchrun`` the counting pass itself is shared out block by block.  Every rank still
+reads every text (reading is cheap next to tokenising).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -42,16 +50,18 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pipeline import distributed
 from pipeline.data import sha256_file
 
 FORMATS = {".txt": "text", ".text": "text", ".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 SEPARATOR = "\n"
-TOKENIZE_BATCH = 1000  # texts per tokenizer call (the fast tokenizers batch in Rust)
+BLOCK_TEXTS = 1000  # texts per block: one tokenizer call (batched in Rust), one unit of sharding and checksums
 JOINED_CHECK_CHARS = 4 << 20  # how much of a text file is compared with its whole-text tokenisation
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 HUB_PREFIX = "hub:"
+T = TypeVar("T")
 
 
 class CorpusError(ValueError):
@@ -177,7 +187,7 @@ class Corpus:
             raise CorpusError(f"covariance corpus {self.location} has no column {self.text_column!r} "
                               f"(columns: {', '.join(ds.column_names)}); set corpus.text_column")
         if self.reader == "saved":
-            for batch in ds.select_columns([self.text_column]).iter(batch_size=TOKENIZE_BATCH):
+            for batch in ds.select_columns([self.text_column]).iter(batch_size=BLOCK_TEXTS):
                 yield from batch[self.text_column]
             return
         for row in ds:
@@ -226,70 +236,80 @@ def _units(texts: Iterable[str], max_texts: int) -> Iterator[str]:
         yield prev
 
 
-def token_units(tok, texts: Iterable[str], max_texts: int = 0) -> Iterator[list[int]]:
-    """The token ids of each text (separator attached), tokenised in batches."""
-    batch: list[str] = []
-    for unit in _units(texts, max_texts):
-        batch.append(unit)
-        if len(batch) == TOKENIZE_BATCH:
-            yield from tok(batch, add_special_tokens=False)["input_ids"]
-            batch = []
-    if batch:
-        yield from tok(batch, add_special_tokens=False)["input_ids"]
+def text_blocks(corpus: Corpus, max_texts: int = 0) -> Iterator[list[str]]:
+    """The texts (separator attached) in blocks of :data:`BLOCK_TEXTS`: the unit that is tokenised,
+    shared among ranks, and checksummed."""
+    block: list[str] = []
+    for unit in _units(corpus.texts(), max_texts):
+        block.append(unit)
+        if len(block) == BLOCK_TEXTS:
+            yield block
+            block = []
+    if block:
+        yield block
 
 
-def windows(corpus: Corpus, tok, cut: Cut) -> Iterator[list[int]]:
-    """The token windows of the corpus (see the module docstring), streamed."""
+def tokenise(tok, block: list[str]) -> list[int]:
+    """A block's stream tokens: each text tokenised on its own (one batched call), concatenated."""
+    return [i for ids in tok(block, add_special_tokens=False)["input_ids"] for i in ids]
+
+
+def block_digest(tokens: list[int]) -> str:
+    return hashlib.sha256(array("q", tokens).tobytes()).hexdigest()
+
+
+def _text_width(tok, cut: Cut) -> tuple[list[int], int]:
     bos = [tok.bos_token_id] if adds_bos(tok) else []
     width = cut.max_length - len(bos)
     if width < 1:
         raise CorpusError(f"max_length {cut.max_length} leaves no room for text after the BOS token")
+    return bos, width
+
+
+def _cut(streams: Iterable[list[int]], bos: list[int], width: int, limit: int | None) -> Iterator[list[int]]:
+    """Consecutive windows (``bos`` + ``width`` stream tokens; the last one shorter) of the
+    concatenated ``streams``, stopping after ``limit`` stream tokens."""
     buf: list[int] = []
     taken = 0
-    empty = True
-    for ids in token_units(tok, corpus.texts(), cut.max_texts):
-        empty = False
-        if cut.max_tokens:
-            ids = ids[: cut.max_tokens - taken]
+    for ids in streams:
+        if limit is not None:
+            ids = ids[: limit - taken]
         buf.extend(ids)
         taken += len(ids)
         while len(buf) >= width:
             yield bos + buf[:width]
             del buf[:width]
-        if cut.max_tokens and taken >= cut.max_tokens:
+        if limit is not None and taken >= limit:
             break
-    if empty:
-        raise CorpusError(f"covariance corpus {corpus.location} has no text")
     if buf:
         yield bos + buf
 
 
+def windows(corpus: Corpus, tok, cut: Cut) -> Iterator[list[int]]:
+    """The token windows of the whole corpus (see the module docstring), streamed."""
+    bos, width = _text_width(tok, cut)
+    blocks = (tokenise(tok, b) for b in text_blocks(corpus, cut.max_texts))
+    empty = True
+    for w in _cut(blocks, bos, width, cut.max_tokens or None):
+        empty = False
+        yield w
+    if empty:
+        raise CorpusError(f"covariance corpus {corpus.location} has no text")
+
+
 @dataclass(frozen=True)
 class CutSummary:
-    """What the counting pass finds: the numbers a cache key names, and a hash of every token."""
+    """What the counting pass finds: the numbers a cache key names, and per block of texts its
+    stream tokens and their sha256 (so that a later pass knows where each block's tokens fall
+    without tokenising it, and checks the ones it does tokenise)."""
 
-    n_tokens: int
+    n_tokens: int  # in all windows, BOS included
     n_windows: int
     width: int  # the longest window (batches are padded to it)
-    tokens_sha256: str
+    text_tokens: int  # stream tokens in the windows (BOS excluded)
+    block_tokens: tuple[int, ...]  # stream tokens of each block (whole blocks; the cut may end inside the last)
+    block_sha256: tuple[str, ...]
     joined_equal: bool  # a text file whose per-text tokenisation is that of its whole text
-
-
-class StreamDigest:
-    """Counts and hashes windows as they pass, so that a pass can check it saw what was counted."""
-
-    def __init__(self):
-        self.h = hashlib.sha256()
-        self.n_tokens = self.n_windows = self.width = 0
-
-    def add(self, window: list[int]) -> None:
-        self.h.update(array("q", window).tobytes())
-        self.n_tokens += len(window)
-        self.n_windows += 1
-        self.width = max(self.width, len(window))
-
-    def matches(self, s: CutSummary) -> bool:
-        return (self.n_tokens, self.n_windows, self.h.hexdigest()) == (s.n_tokens, s.n_windows, s.tokens_sha256)
 
 
 def joined_equal(corpus: Corpus, tok) -> bool:
@@ -304,7 +324,7 @@ def joined_equal(corpus: Corpus, tok) -> bool:
         if chars >= JOINED_CHECK_CHARS:
             break
     whole = tok(SEPARATOR.join(lines), add_special_tokens=False)["input_ids"]
-    return [i for ids in token_units(tok, lines) for i in ids] == whole
+    return tokenise(tok, list(_units(lines, 0))) == whole
 
 
 def tokenizer_sha256(tok) -> str | None:
@@ -326,31 +346,110 @@ def index_dir() -> Path | None:
 
 
 def count(corpus: Corpus, tok, cut: Cut) -> CutSummary:
-    """The counting pass: one tokenisation of the corpus."""
-    digest = StreamDigest()
-    for w in windows(corpus, tok, cut):
-        digest.add(w)
-    return CutSummary(digest.n_tokens, digest.n_windows, digest.width, digest.h.hexdigest(), joined_equal(corpus, tok))
+    """The counting pass: every block tokenised once.  Under ``torchrun`` the ranks take turns
+    (block ``k`` on rank ``k mod size``; every rank reads all texts, which is cheap next to
+    tokenising them) and gather each round's counts and digests."""
+    bos, width = _text_width(tok, cut)
+    counts: list[int] = []
+    digests: list[str] = []
+    blocks = text_blocks(corpus, cut.max_texts)
+
+    def measure(block: list[str]) -> tuple[int, str]:
+        ids = tokenise(tok, block)
+        return len(ids), block_digest(ids)
+
+    while not (cut.max_tokens and sum(counts) >= cut.max_tokens):
+        round_ = list(itertools.islice(blocks, distributed.size()))
+        if not round_:
+            break
+        for n, digest in distributed.map_shared(measure, round_, "counting the corpus"):
+            counts.append(n)
+            digests.append(digest)
+    text = min(sum(counts), cut.max_tokens) if cut.max_tokens else sum(counts)
+    if not text:
+        raise CorpusError(f"covariance corpus {corpus.location} has no text")
+    n_windows = -(-text // width)
+    return CutSummary(text + n_windows * len(bos), n_windows, min(width, text) + len(bos), text, tuple(counts),
+                      tuple(digests), joined_equal(corpus, tok))
+
+
+def shard_batches(corpus: Corpus, tok, cut: Cut, summary: CutSummary, per_batch: int
+                  ) -> tuple[Iterator[list[list[int]]], int]:
+    """This rank's batches (and how many): a contiguous share of the batches of ``per_batch``
+    consecutive windows that one process forms, the first ranks taking one more where they do not
+    divide.  Only the blocks holding them are tokenised (each checked against its digest); the
+    others are read and skipped.  One process: every batch, every block."""
+    bos, width = _text_width(tok, cut)
+    n_batches = -(-summary.n_windows // per_batch)
+    q, extra = divmod(n_batches, distributed.size())
+    r = distributed.rank()
+    lo = r * q + min(r, extra)
+    hi = lo + q + (r < extra)
+    first, last = lo * per_batch, min(hi * per_batch, summary.n_windows)  # windows
+    start, stop = first * width, min(last * width, summary.text_tokens)  # stream tokens
+
+    def stream() -> Iterator[list[int]]:
+        at = 0  # stream position of the block's first token
+        for k, block in enumerate(text_blocks(corpus, cut.max_texts)):
+            if at >= stop or k == len(summary.block_tokens):
+                break
+            n = summary.block_tokens[k]
+            if at + n > start:
+                ids = tokenise(tok, block)
+                if len(ids) != n or block_digest(ids) != summary.block_sha256[k]:
+                    raise CorpusError(f"covariance corpus {corpus.location} changed since it was counted (block {k} "
+                                      "of its texts differs; or its entry in the corpus index is stale): nothing was "
+                                      "written; run again")
+                yield ids[max(0, start - at) : stop - at]
+            at += n
+
+    def counted() -> Iterator[list[int]]:
+        made = 0
+        for w in _cut(stream(), bos, width, stop - start):
+            made += 1
+            yield w
+        if made != last - first:
+            raise CorpusError(f"covariance corpus {corpus.location} has fewer tokens than when it was counted: "
+                              "nothing was written; run again")
+
+    return chunked(counted(), per_batch), hi - lo
+
+
+def chunked(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    """Consecutive groups of ``n`` (the last one shorter)."""
+    it = iter(items)
+    while group := list(itertools.islice(it, n)):
+        yield group
 
 
 def summarise(corpus: Corpus, tok, cut: Cut, where: Path | None = None) -> CutSummary:
-    """:func:`count`, read from the index when this corpus, tokenizer and cut were counted before."""
+    """:func:`count`, read from the index when this corpus, tokenizer and cut were counted before
+    (rank 0 reads and writes the index and tells the others)."""
     where = where if where is not None else index_dir()
     tok_fp = tokenizer_sha256(tok)
     if where is None or tok_fp is None:
         return count(corpus, tok, cut)
     key = {"format": INDEX_FORMAT, "corpus_sha256": corpus.sha256, "source": corpus.describe(), "tokenizer": tok_fp,
-           "cut": asdict(cut)}
+           "cut": asdict(cut), "block_texts": BLOCK_TEXTS}
     path = Path(where) / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()}.json"
+    known = distributed.broadcast(_read_index(path, key) if distributed.is_main() else None, "reading the corpus index")
+    if known is not None:
+        return known
+    summary = count(corpus, tok, cut)
+    if distributed.is_main():
+        _write_atomic(path, json.dumps({"key": key, "summary": asdict(summary)}, sort_keys=True))
+    return summary
+
+
+def _read_index(path: Path, key: dict) -> CutSummary | None:
     try:
         doc = json.loads(path.read_text())
         if doc["key"] == key:
-            return CutSummary(**doc["summary"])
+            s = doc["summary"]
+            return CutSummary(**{**s, "block_tokens": tuple(s["block_tokens"]), "block_sha256": tuple(s["block_sha256"])})
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # absent or unreadable: count again and rewrite it
-    summary = count(corpus, tok, cut)
-    _write_atomic(path, json.dumps({"key": key, "summary": asdict(summary)}, sort_keys=True))
-    return summary
+        pass  # absent or unreadable: counted again and rewritten
+    return None
 
 
 def _write_atomic(path: Path, text: str) -> None:

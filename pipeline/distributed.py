@@ -3,10 +3,13 @@
 The two embarrassingly parallel parts of the pipeline — the key covariance over a corpus and the
 evaluation of many prompts — split their work over the processes ``torchrun`` starts (gloo on
 CPU, NCCL on GPU): every rank runs the same code on the same inputs, takes its share of the
-*batches* the single process would form (:func:`mine`: batch ``i`` goes to rank ``i mod size``),
-and the results are combined in a fixed order.  Batches are the unit because a batch's numbers
-are the same bits on any rank, so a sharded evaluation gives exactly the single process's metrics
-and a sharded covariance differs from it only by the order of its float64 additions.
+*batches* the single process would form, and the results are combined in a fixed order.  The
+evaluation deals its batches round robin (:func:`map_shared`: batch ``i`` on rank ``i mod size``)
+and gathers them in order; the covariance gives each rank a contiguous run of batches (so that it
+tokenises only its part of the corpus, :func:`pipeline.corpus.shard_batches`) and sums.  Batches
+are the unit because a batch's numbers are the same bits on any rank, so a sharded evaluation
+gives exactly the single process's metrics and a sharded covariance differs from it only by the
+order of its float64 additions.
 
 Outside ``torchrun`` (or with one process) every function here is the single-process identity:
 library callers need not know about it.  Inside, the code paths that call these functions must be

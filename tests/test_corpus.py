@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 import pipeline.corpus as corpus_mod
 from conftest import CORPUS_TEXT, TRAIN_TEXT
 from pipeline.config import ParamsError, load_params
-from pipeline.corpus import Corpus, CorpusError, Cut, key_fields, summarise, token_units, windows
+from pipeline.corpus import Corpus, CorpusError, Cut, key_fields, summarise, text_blocks, windows
 
 LINES = [ln.strip() for ln in (CORPUS_TEXT + TRAIN_TEXT).splitlines() if ln.strip()]
 CUT = Cut(16)
@@ -85,8 +85,8 @@ def test_windows_stream_without_reading_the_whole_source(tok, text_file, monkeyp
     monkeypatch.setattr(Corpus, "texts", lambda self: (f"text number {i}" for i in itertools.count()))
     first = list(itertools.islice(windows(Corpus.from_file(text_file), tok, CUT), 50))
     assert len(first) == 50 and all(len(w) == 16 and w[0] == tok.bos_token_id for w in first)
-    units = token_units(tok, (f"t{i}" for i in itertools.count()))
-    assert len(list(itertools.islice(units, 3))) == 3
+    blocks = text_blocks(Corpus.from_file(text_file))
+    assert [len(b) for b in itertools.islice(blocks, 3)] == [corpus_mod.BLOCK_TEXTS] * 3
 
 
 def _prefix_space_tokenizer() -> PreTrainedTokenizerFast:
@@ -189,3 +189,35 @@ def test_default_wikitext_corpus_keeps_its_cut_and_cache_key():
                    "model_fingerprint": "fp", "role": "mlp_out", "layer": 3,
                    "corpus_sha256": "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c",
                    "n_tokens": 302244, "n_chunks": 1181, "max_length": 256, "dtype": "bfloat16"}
+
+
+def test_ranks_share_the_batches_and_tokenise_only_their_blocks(tok, text_file, monkeypatch):
+    """Three simulated ranks: their batches, in rank order, are the single process's; each tokenises
+    only the blocks of texts its batches hold; a corpus changed since counting is refused."""
+    from pipeline import distributed
+    from pipeline.corpus import chunked, count, shard_batches
+
+    monkeypatch.setattr(corpus_mod, "BLOCK_TEXTS", 3)
+    c = Corpus.from_file(text_file)
+    summary = count(c, tok, CUT)
+    assert len(summary.block_tokens) == 8 and summary.text_tokens == sum(summary.block_tokens)
+    want = list(chunked(windows(c, tok, CUT), 2))
+    assert len(want) >= 6
+    real, seen = corpus_mod.tokenise, []
+    monkeypatch.setattr(corpus_mod, "tokenise", lambda t, block: seen[-1].append(block[0]) or real(t, block))
+    got = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        monkeypatch.setattr(distributed, "size", lambda: 3)
+        seen.append([])
+        batches, n = shard_batches(c, tok, CUT, summary, 2)
+        mine = list(batches)
+        assert len(mine) == n
+        got += mine
+    assert got == want
+    assert all(0 < len(s) < 8 for s in seen) and sum(map(len, seen)) <= 8 + 2  # at most the two boundary blocks twice
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "size", lambda: 1)
+    text_file.write_text(text_file.read_text().replace("Paris", "Lyon"))
+    with pytest.raises(CorpusError, match="changed since it was counted"):
+        list(shard_batches(c, tok, CUT, summary, 2)[0])

@@ -35,11 +35,15 @@ def test_scaling_estimate_is_the_stated_arithmetic():
     d, inner = 4096, 16384
     assert fl["products"] == 6 * 2 * inner * inner
     assert fl["blocks"] == 9 * (2 * (4 * d * d + 2 * d * inner) + 4 * 1024 * d)
-    run = {"tokens_per_s": 500.0, "tokenise_tokens_per_s": 70_000.0, "flops_per_token": {"total": 6.8e7}}
+    run = {"tokens_per_s": 500.0, "count_tokens_per_s": 70_000.0, "read_tokens_per_s": 1e6,
+           "flops_per_token": {"total": 6.8e7}}
     est = s.estimate({"1": {"runs": [run]}, "speedup_2_over_1": 1.8})
     tokens = s.ARTICLES * s.TOKENS_PER_ARTICLE
     assert est["gpu_tokens_per_s"] == s.GPU_FLOPS / fl["total"]
-    assert abs(est["gpus_1"]["forward_hours"] - tokens / est["gpu_tokens_per_s"] / 3600) < 1e-9
-    assert abs(est["gpus_8"]["forward_hours"] * 8 - est["gpus_1"]["forward_hours"]) < 1e-9
-    assert est["gpus_8"]["total_hours"] == est["gpus_8"]["forward_hours"] + 2 * tokens / 70_000.0 / 3600
+    one, eight = est["gpus_1"], est["gpus_8"]
+    assert abs(one["forward_hours"] - tokens / est["gpu_tokens_per_s"] / 3600) < 1e-9
+    assert abs(eight["forward_hours"] * 8 - one["forward_hours"]) < 1e-9
+    assert abs(eight["tokenise_hours"] * 8 - 2 * tokens / 70_000.0 / 3600) < 1e-9  # counted once, read once: shared
+    assert eight["read_hours"] == one["read_hours"] == 2 * tokens / 1e6 / 3600  # every process reads every text
+    assert eight["total_hours"] == eight["forward_hours"] + eight["tokenise_hours"] + eight["read_hours"]
     assert est["measured_here"]["two_rank_efficiency"] == 0.9

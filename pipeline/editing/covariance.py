@@ -11,10 +11,10 @@ weights, the layer, the projection, the corpus and how the corpus was cut.  So
 * results are cached on disk under a content key; a cached file carries its key and a hash of
   its bytes, and one that does not match is rejected (never silently used);
 * the corpus is streamed (:mod:`pipeline.corpus`), and under ``torchrun`` the batches are shared
-  among the processes (:mod:`pipeline.distributed`): each forwards its own, the float64 sums are
-  all-reduced, rank 0 writes.  Every process forms the same batches, so a batch's product is the
-  same bits wherever it runs, and the result equals the single process's up to the order of the
-  float64 additions.  The key does not name the number of processes.
+  among the processes (:mod:`pipeline.distributed`): each tokenises and forwards its own, the
+  float64 sums are all-reduced, rank 0 writes.  The batches are those one process forms, so a
+  batch's product is the same bits wherever it runs, and the result equals the single process's
+  up to the order of the float64 additions.  The key does not name the number of processes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipeline import distributed
-from pipeline.corpus import Corpus, Cut, CutSummary, StreamDigest, key_fields, summarise, windows
+from pipeline.corpus import Corpus, Cut, CutSummary, chunked, key_fields, shard_batches, summarise
 from pipeline.editing.hooks import hooks, record_input, run_truncated, stop_after
 from pipeline.editing.precision import working_copy
 from pipeline.models.adapters import Adapter
@@ -144,20 +144,6 @@ def spectra(covs: dict[tuple[str, int], torch.Tensor], ids: dict[tuple[str, int]
     return out
 
 
-def padded_batches(chunks: Iterable[list[int]], width: int, batch_tokens: int) -> Iterator[list[list[int]]]:
-    """Consecutive groups of ``batch_tokens // width`` windows: the batches every process forms
-    alike, so that a batch's product is the same bits on any rank."""
-    per_batch = max(1, batch_tokens // width)
-    batch: list[list[int]] = []
-    for c in chunks:
-        batch.append(c)
-        if len(batch) == per_batch:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 @torch.no_grad()
 def accumulate(model, adapter: Adapter, batches: Iterable[list[list[int]]], targets: list[tuple[str, int]],
                width: int, progress: bool = True, total: int | None = None
@@ -194,7 +180,7 @@ def compute_second_moments(model, adapter: Adapter, chunks: list[list[int]], tar
                            batch_tokens: int, progress: bool = True) -> dict[tuple[str, int], torch.Tensor]:
     """``E[k kᵀ]`` for each (role, layer) over every token of ``chunks``, in this process."""
     width = max(len(c) for c in chunks)
-    sums, n_tokens = accumulate(model, adapter, padded_batches(chunks, width, batch_tokens), targets, width, progress)
+    sums, n_tokens = accumulate(model, adapter, chunked(chunks, max(1, batch_tokens // width)), targets, width, progress)
     return {t: (sums[t] / n_tokens).cpu() for t in targets}
 
 
@@ -202,24 +188,11 @@ def sharded_second_moments(model, tok, adapter: Adapter, corpus: Corpus, cut: Cu
                            targets: list[tuple[str, int]], batch_tokens: int, progress: bool = True
                            ) -> dict[tuple[str, int], torch.Tensor]:
     """``E[k kᵀ]`` over the corpus: each rank forwards its share of the batches (all of them in a
-    single process), the float64 sums and token counts are summed over the ranks.  Every rank
-    tokenises the whole stream and checks it is the one counted (a corpus changed since is an error)."""
-    digest = StreamDigest()
-
-    def counted(stream: Iterable[list[int]]) -> Iterator[list[int]]:
-        for w in stream:
-            digest.add(w)
-            yield w
-
-    per_batch = max(1, batch_tokens // summary.width)
-    n_batches = -(-summary.n_windows // per_batch)
-    share = -(-(n_batches - distributed.rank()) // distributed.size())
-    batches = distributed.mine(padded_batches(counted(windows(corpus, tok, cut)), summary.width, batch_tokens))
+    single process) and tokenises only the texts they hold (:func:`~pipeline.corpus.shard_batches`);
+    the float64 sums and token counts are summed over the ranks."""
+    batches, share = shard_batches(corpus, tok, cut, summary, max(1, batch_tokens // summary.width))
     sums, n_tokens = accumulate(model, adapter, batches, targets, summary.width, progress, total=share)
-    if not digest.matches(summary):
-        raise CovarianceCacheError(f"covariance corpus {corpus.location} changed while it was read (or its counted "
-                                   "summary in the corpus index is stale): nothing was written; run again")
-    # rank 0 always has batch 0; a rank with no batch contributes zeros of the same shapes
+    # rank 0 always has a batch; a rank with none contributes zeros of the same shapes
     shapes = distributed.broadcast({t: tuple(s.shape) for t, s in sums.items()} if distributed.is_main() else None,
                                    "covariance: sharing the statistic shapes")
     device = next(model.parameters()).device
