@@ -75,7 +75,7 @@ def _sync() -> None:
 
 
 def covariance_worker(tokens: int) -> dict:
-    from pipeline.corpus import Corpus, Cut, count, summarise, text_blocks
+    from pipeline.corpus import Corpus, Cut, summarise, text_blocks, tokenise
     from pipeline.editing.covariance import sharded_second_moments
     from pipeline.editing.engine import default_corpus
     from pipeline.editing.hparams import load_hparams
@@ -91,12 +91,13 @@ def covariance_worker(tokens: int) -> dict:
     targets = [("mlp_out", layer) for layer in hp.layers]
     _, seconds = timed(lambda: sharded_second_moments(work, lm.tokenizer, adapter_for(work), corpus, cut, summary,
                                                       targets, hp.cov_batch_tokens, progress=False))
-    _, counting_s = timed(lambda: count(corpus, lm.tokenizer, cut))  # the counting pass alone (shared by the ranks)
-    _, reading_s = timed(lambda: sum(1 for _ in text_blocks(corpus)))  # every rank reads every text
-    whole = summarise(corpus, lm.tokenizer, Cut(hp.cov_max_length)).text_tokens
+    # what a rank does with a text besides forwarding it: read it (every rank, every text) and
+    # tokenise it (its share), each timed over the whole sample in this process
+    n, tokenising_s = timed(lambda: sum(len(tokenise(lm.tokenizer, b)) for b in text_blocks(corpus)))
+    _, reading_s = timed(lambda: sum(1 for _ in text_blocks(corpus)))
     return {"tokens": summary.n_tokens, "seconds": seconds, "tokens_per_s": summary.n_tokens / seconds,
-            "cov_dtype": hp.cov_dtype, "layers": list(hp.layers), "count_tokens_per_s": summary.n_tokens / counting_s,
-            "read_tokens_per_s": whole / reading_s, "flops_per_token": model_flops(lm.model, hp)}
+            "cov_dtype": hp.cov_dtype, "layers": list(hp.layers), "tokenise_tokens_per_s": n / tokenising_s,
+            "read_tokens_per_s": n / reading_s, "flops_per_token": model_flops(lm.model, hp)}
 
 
 def timed(fn):
@@ -149,23 +150,24 @@ def estimate(cov: dict) -> dict:
     fl = gptj_flops()
     tokens = ARTICLES * TOKENS_PER_ARTICLE
     gpu_rate = GPU_FLOPS / fl["total"]  # tokens/s of one GPU
-    count_rate = statistics.median(r["count_tokens_per_s"] for r in cov["1"]["runs"])
+    tokenise_rate = statistics.median(r["tokenise_tokens_per_s"] for r in cov["1"]["runs"])
     read_rate = statistics.median(r["read_tokens_per_s"] for r in cov["1"]["runs"])
     efficiency = cov["speedup_2_over_1"] / 2
     out = {"assumptions": {"articles": ARTICLES, "tokens_per_article": TOKENS_PER_ARTICLE, "gptj": GPTJ,
                            "gpu_sustained_flops": GPU_FLOPS,
                            "sharding": "the forward and the tokenisation (counting pass, then the pass) are split "
-                                       "evenly over the GPUs' processes at the rates measured here for one process; "
-                                       "every process reads every text twice; the all-reduce of 6 × 16384² float64 "
-                                       "(13 GB) is neglected; nothing overlaps"},
+                                       "evenly over the GPUs' processes, tokenising at the rate measured here for one "
+                                       "process; every process reads every text twice; the all-reduce of 6 × 16384² "
+                                       "float64 (13 GB) is neglected; nothing overlaps (the pass synchronises the "
+                                       "device every batch)"},
            "measured_here": {"flops_per_token_smollm2": measured["flops_per_token"], "cpu_flops_achieved": achieved,
-                             "tokenise_tokens_per_s": count_rate, "read_tokens_per_s": read_rate,
+                             "tokenise_tokens_per_s": tokenise_rate, "read_tokens_per_s": read_rate,
                              "two_rank_efficiency": efficiency},
            "gptj_flops_per_token": fl, "tokens": tokens, "gpu_tokens_per_s": gpu_rate,
            "cpu_core_hours_at_measured_rate": tokens * fl["total"] / achieved / 3600}
     for gpus in (1, 8):
         parts = {"forward_hours": tokens / (gpu_rate * gpus) / 3600,
-                 "tokenise_hours": 2 * tokens / (count_rate * gpus) / 3600,
+                 "tokenise_hours": 2 * tokens / (tokenise_rate * gpus) / 3600,
                  "read_hours": 2 * tokens / read_rate / 3600}
         out[f"gpus_{gpus}"] = {**parts, "total_hours": sum(parts.values())}
     return out

@@ -552,7 +552,7 @@ def _covariance(params_path, model_path, method, progress):
     if distributed.is_main():
         for (role, layer), kid in ids.items():
             typer.echo(f"covariance {role}@{layer}: {kid}")
-        typer.echo(f"{len(ids)} entries in {cache} ({distributed.size()} processes, {time.perf_counter() - t0:.1f} s)")
+        typer.echo(f"{len(ids)} entries in {cache} (processes: {distributed.size()}, {time.perf_counter() - t0:.1f} s)")
 
 
 @app.command("evaluate")
@@ -611,7 +611,7 @@ def _evaluate(requests_path, out, model_path, params_path, with_ppl):
         out.mkdir(parents=True, exist_ok=True)
         table.to_parquet(out / "eval.parquet", index=False)
         write_json(out / "metrics.json", doc)
-        typer.echo(json.dumps(metrics) + f"\nwrote {out} ({distributed.size()} processes, {doc['seconds']:.1f} s)")
+        typer.echo(json.dumps(metrics) + f"\nwrote {out} (processes: {distributed.size()}, {doc['seconds']:.1f} s)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -140,14 +140,27 @@ def test_two_ranks_evaluate_command_equals_one_process(project, tmp_path, monkey
                                   pd.read_parquet(tmp_path / "one" / "eval.parquet"))
 
 
+def _covariance_params(repo, path, cache) -> None:
+    cfg = yaml.safe_load((repo / "params.yaml").read_text())
+    cfg["cache_dir"] = str(cache)
+    cfg["model"]["path"] = str(repo / "data" / "model")
+    cfg["edit"]["hparams"] = str(repo / "hparams-tiny.yaml")
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def test_covariance_command_computes_what_the_stage_does(project, tmp_path):
+    repo = project["repo"]
+    _covariance_params(repo, tmp_path / "params.yaml", tmp_path / "cache")
+    res = cli(tmp_path, "covariance", "--params", str(tmp_path / "params.yaml"), "--no-progress")
+    stage = _entries(repo / "data" / "covariance")
+    assert sorted(_entries(tmp_path / "cache")) == sorted(stage)
+    assert all(k.split("/")[1] in res.output for k in stage) and "(processes: 1," in res.output
+
+
 def test_a_dead_rank_fails_the_run_and_writes_nothing(project, tmp_path):
     repo = project["repo"]
     params = tmp_path / "params.yaml"
-    cfg = yaml.safe_load((repo / "params.yaml").read_text())
-    cfg["cache_dir"] = str(tmp_path / "cache")
-    cfg["model"]["path"] = str(repo / "data" / "model")
-    cfg["edit"]["hparams"] = str(repo / "hparams-tiny.yaml")
-    params.write_text(yaml.safe_dump(cfg))
+    _covariance_params(repo, params, tmp_path / "cache")
     p = _torchrun(["covariance", "--params", str(params), "--no-progress"], tmp_path,
                   **{distributed.CRASH_ENV: "covariance:batch", distributed.CRASH_RANK_ENV: "1"})
     out = p.stdout + p.stderr

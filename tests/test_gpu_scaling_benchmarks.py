@@ -35,7 +35,7 @@ def test_scaling_estimate_is_the_stated_arithmetic():
     d, inner = 4096, 16384
     assert fl["products"] == 6 * 2 * inner * inner
     assert fl["blocks"] == 9 * (2 * (4 * d * d + 2 * d * inner) + 4 * 1024 * d)
-    run = {"tokens_per_s": 500.0, "count_tokens_per_s": 70_000.0, "read_tokens_per_s": 1e6,
+    run = {"tokens_per_s": 500.0, "tokenise_tokens_per_s": 70_000.0, "read_tokens_per_s": 1e6,
            "flops_per_token": {"total": 6.8e7}}
     est = s.estimate({"1": {"runs": [run]}, "speedup_2_over_1": 1.8})
     tokens = s.ARTICLES * s.TOKENS_PER_ARTICLE

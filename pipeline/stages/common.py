@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from pipeline import distributed
 from pipeline.config import load_params
 from pipeline.data import sha256_file
 from pipeline.corpus import Corpus, CorpusError
@@ -146,6 +147,15 @@ def corpus(project: Project, cfg: dict) -> Corpus:
         return Corpus.configured(cfg["corpus"], project.root / CORPUS, project.path)
     except (FileNotFoundError, CorpusError) as exc:
         raise StageError(f"{exc} (the data stage writes the default corpus)") from None
+
+
+def in_processes(processes: int, args: list[str], what: str) -> None:
+    """Run ``editledger ARGS`` (a stage) in ``processes`` processes under ``torchrun``: what the
+    covariance and evaluate stages do when ``distributed.processes`` asks for more than one."""
+    code = distributed.launch(processes, args)
+    if code:
+        raise StageError(f"{what} in {processes} processes (torchrun) failed with exit code {code}: a rank stopped "
+                         "(its error is above); nothing was written")
 
 
 def base_model(project: Project, device: str | None = None) -> LoadedModel:

@@ -28,7 +28,7 @@ from pipeline.editing.covariance import cache_keys, cut_of, entry_path, key_id, 
 from pipeline.editing.hparams import HParams
 from pipeline.ledger import atomic
 from pipeline.models.adapters import adapter_for
-from pipeline.stages.common import (Project, StageError, base_model, configured_covariances, corpus,
+from pipeline.stages.common import (Project, StageError, base_model, configured_covariances, corpus, in_processes,
                                     resolve_hparams, user_cache)
 
 
@@ -60,10 +60,7 @@ def _in_processes(project: Project, cfg: dict, hp: HParams, processes: int, role
                   progress: bool) -> str:
     """Run this stage under ``torchrun`` in ``processes`` processes; the id of the entry they wrote."""
     args = ["stage", "covariance", "--role", role, "--layer", str(layer)] + ([] if progress else ["--no-progress"])
-    code = distributed.launch(processes, args)
-    if code:
-        raise StageError(f"covariance {role}@{layer} in {processes} processes (torchrun) failed with exit code {code}: "
-                         "a rank stopped (its error is above); nothing was written")
+    in_processes(processes, args, f"covariance {role}@{layer}")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(project.model_dir)

@@ -39,7 +39,7 @@ from pipeline.ledger.layout import KV_FILE, METRICS_FILE
 from pipeline.ledger.replay import materialize
 from pipeline.stages.targets_file import read_targets
 from pipeline.ledger.store import load
-from pipeline.stages.common import CORPUS, Project, StageError, base_model, me_ppl_texts
+from pipeline.stages.common import CORPUS, Project, StageError, base_model, in_processes, me_ppl_texts
 
 
 def finite(value: Any) -> Any:
@@ -163,8 +163,5 @@ def run(batch_dir: str | Path) -> dict:
 def _in_processes(batch_dir: Path, processes: int) -> dict:
     """Run this stage under ``torchrun`` in ``processes`` processes (they share every state's
     batches; rank 0 writes); the metrics.json they wrote."""
-    code = distributed.launch(processes, ["stage", "evaluate", "--batch", str(batch_dir)])
-    if code:
-        raise StageError(f"evaluate {batch_dir.name} in {processes} processes (torchrun) failed with exit code {code}: "
-                         "a rank stopped (its error is above); nothing was written")
+    in_processes(processes, ["stage", "evaluate", "--batch", str(batch_dir)], f"evaluate {batch_dir.name}")
     return json.loads((batch_dir / METRICS_FILE).read_text())
