@@ -176,3 +176,14 @@ def test_single_process_sharing_is_the_identity():
     assert distributed.map_shared(lambda x: x * x, [1, 2, 3]) == [1, 4, 9]
     assert distributed.broadcast("x", "test") == "x"
     assert distributed.init("cuda") == "cuda"  # no process group outside torchrun: the device as given
+
+
+def test_a_failed_torchrun_fails_the_stage_with_its_exit_code(monkeypatch):
+    from pipeline.stages.common import StageError, in_processes
+
+    calls = []
+    monkeypatch.setattr(distributed, "launch", lambda n, args: calls.append((n, list(args))) or 1)
+    with pytest.raises(StageError, match=r"covariance mlp_out@1 in 2 processes \(torchrun\) failed with exit code 1.*"
+                                         "nothing was written"):
+        in_processes(2, ["stage", "covariance"], "covariance mlp_out@1")
+    assert calls == [(2, ["stage", "covariance"])]
