@@ -585,6 +585,10 @@ def _evaluate(requests_path, out, model_path, params_path, with_ppl):
     cfg = load_params(params_path)
     settings = EvalSettings.from_params(cfg["evaluation"])
     reqs = load_requests(requests_path)
+    try:
+        groups = by_protocol(reqs)
+    except ValueError as exc:  # plain requests without a true object: nothing to measure them by
+        raise UserError(str(exc)) from None
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} exists and is not empty")
     tfidf = wikitext_tfidf(verified_path("wikitext"))
@@ -593,7 +597,7 @@ def _evaluate(requests_path, out, model_path, params_path, with_ppl):
     cache = StateCache.of(lm.model, lm.fingerprint)
     t0 = time.perf_counter()
     metrics, tables = {}, []
-    for protocol, positions in by_protocol(reqs).items():
+    for protocol, positions in groups.items():
         m, df = evaluate_state(lm.model, lm.tokenizer, [reqs[i] for i in positions], settings.generation, tfidf,
                                cache=cache)
         metrics[protocol] = finite(m)

@@ -187,3 +187,15 @@ def test_a_failed_torchrun_fails_the_stage_with_its_exit_code(monkeypatch):
                                          "nothing was written"):
         in_processes(2, ["stage", "covariance"], "covariance mlp_out@1")
     assert calls == [(2, ["stage", "covariance"])]
+
+
+def test_evaluate_command_refuses_bad_input_before_any_work(tmp_path):
+    reqs = tmp_path / "plain.json"
+    reqs.write_text(json.dumps([{"subject": "Rome", "prompt": "{} is in", "target_new": "Sweden"}]))
+    res = cli(tmp_path, "evaluate", "--requests", str(reqs), "--out", str(tmp_path / "out"), code=2)
+    assert "has no evaluation protocol" in res.output and not (tmp_path / "out").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").touch()
+    reqs.write_text(json.dumps(RECORDS[:1]))
+    res = cli(tmp_path, "evaluate", "--requests", str(reqs), "--out", str(tmp_path / "full"), code=2)
+    assert "exists and is not empty" in res.output
