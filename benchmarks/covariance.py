@@ -34,7 +34,8 @@ import torch
 import typer
 
 from pipeline.editing.context import context_prefixes
-from pipeline.editing.covariance import Corpus, compute_second_moments, second_moments
+from pipeline.corpus import Corpus, windows
+from pipeline.editing.covariance import compute_second_moments, cut_of, second_moments
 from pipeline.editing.driver import Optimise, Replay, drive
 from pipeline.editing.engine import default_corpus
 from pipeline.editing.hooks import hooks, record_input, run_truncated, stop_after
@@ -103,7 +104,7 @@ def main(repeat: int = 3, naive_tokens: int = 16384, model: str = "smollm2-135m-
     hp = load_hparams(hparams, "pmet")
     adapter = adapter_for(lm.model)
     corpus = Corpus.from_file(default_corpus())
-    chunks = corpus.chunks(lm.tokenizer, hp.cov_max_length, hp.cov_max_texts)
+    chunks = list(windows(corpus, lm.tokenizer, cut_of(hp)))
     if max_chunks:
         chunks = chunks[:max_chunks]
     n_tokens = sum(len(c) for c in chunks)
@@ -138,7 +139,7 @@ def main(repeat: int = 3, naive_tokens: int = 16384, model: str = "smollm2-135m-
     else:  # the engine's cached covariances (computed once if missing), for the comparisons only
         for dtype in ("float32", "bfloat16"):
             covs[dtype], _ = second_moments(lm.model, lm.tokenizer, adapter, lm.fingerprint, corpus, targets,
-                                            hp.cov_max_length, hp.cov_max_texts, hp.cov_batch_tokens, dtype,
+                                            cut_of(hp), hp.cov_batch_tokens, dtype,
                                             cache_home() / "covariance", progress=True)
     res["bfloat16_vs_float32_rel_frobenius"] = {
         f"{r}@{layer}": float((covs["bfloat16"][(r, layer)] - covs["float32"][(r, layer)]).norm()

@@ -42,7 +42,8 @@ import torch
 import typer
 
 from pipeline.editing.context import context_prefixes
-from pipeline.editing.covariance import Corpus, second_moments
+from pipeline.corpus import Corpus
+from pipeline.editing.covariance import cut_of, second_moments
 from pipeline.editing.driver import Optimise, drive
 from pipeline.editing.engine import default_corpus
 from pipeline.editing.hparams import load_hparams
@@ -99,8 +100,8 @@ def main(n: int = 100, start: int = 0, method: str = "pmet", config: list[str] =
         engine, overrides = CONFIGS[name]
         hp = load_hparams(hparams, spec.hparams_from, overrides)
         targets = written_projections(spec.resolve(hp))
-        covs, _ = second_moments(base, tok, adapter, lm.fingerprint, corpus, targets, hp.cov_max_length,
-                                 hp.cov_max_texts, hp.cov_batch_tokens, hp.cov_dtype, cache_home() / "covariance",
+        covs, _ = second_moments(base, tok, adapter, lm.fingerprint, corpus, targets, cut_of(hp),
+                                 hp.cov_batch_tokens, hp.cov_dtype, cache_home() / "covariance",
                                  progress=False)
         prefixes = context_prefixes(base, tok, hp)
         runs, post, first, identical = [], None, None, True

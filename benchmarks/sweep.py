@@ -18,7 +18,8 @@ import torch
 import typer
 
 from pipeline.editing.context import context_prefixes
-from pipeline.editing.covariance import Corpus, second_moments
+from pipeline.corpus import Corpus
+from pipeline.editing.covariance import cut_of, second_moments
 from pipeline.editing.driver import Optimise, Replay, drive
 from pipeline.editing.engine import default_corpus
 from pipeline.editing.hparams import load_hparams
@@ -49,7 +50,7 @@ def main(grid: Path, out: Path, start: int = 1000, n: int = 30, model: str = "sm
         lams = group.pop("lambdas")
         hp = load_hparams(hparams, spec.hparams_from, {k: v for k, v in group.items() if k != "method"})
         targets = written_projections(spec.resolve(hp))
-        covs, _ = second_moments(m, tok, adapter, lm.fingerprint, corpus, targets, hp.cov_max_length, hp.cov_max_texts,
+        covs, _ = second_moments(m, tok, adapter, lm.fingerprint, corpus, targets, cut_of(hp),
                                  hp.cov_batch_tokens, hp.cov_dtype, cache_home() / "covariance", progress=False)
         prefixes = context_prefixes(m, tok, hp)
         t0 = time.perf_counter()

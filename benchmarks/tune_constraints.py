@@ -36,7 +36,8 @@ def main(method: str = "pmet", start: int = 10000, n: int = 100, hparams: str = 
 
     from pipeline.data import me_ppl_texts, sample_records
     from pipeline.editing.context import context_prefixes
-    from pipeline.editing.covariance import Corpus, second_moments, spectra
+    from pipeline.corpus import Corpus
+    from pipeline.editing.covariance import cut_of, second_moments, spectra
     from pipeline.editing.driver import Optimise, Replay, anchor_targets, drive
     from pipeline.editing.engine import default_corpus
     from pipeline.editing.hparams import load_hparams
@@ -62,8 +63,7 @@ def main(method: str = "pmet", start: int = 10000, n: int = 100, hparams: str = 
     targets = written_projections(spec.resolve(base_hp))
     cache = cache_home() / "covariance"
     covs, ids = second_moments(model, tok, adapter, lm.fingerprint, Corpus.from_file(default_corpus()), targets,
-                               base_hp.cov_max_length, base_hp.cov_max_texts, base_hp.cov_batch_tokens,
-                               base_hp.cov_dtype, cache, progress=True)
+                               cut_of(base_hp), base_hp.cov_batch_tokens, base_hp.cov_dtype, cache, progress=True)
     spec_ = spectra(covs, ids, cache)
     prefixes = context_prefixes(model, tok, base_hp)
     t0 = time.perf_counter()

@@ -29,6 +29,8 @@ def _fail(msg: str) -> None:
 def _user_errors():
     """Exception types that are the user's input, not a bug: shown as one line, exit code 2."""
     from pipeline.config import ParamsError
+    from pipeline.corpus import CorpusError
+    from pipeline.distributed import DistributedError
     from pipeline.editing.covariance import CovarianceCacheError
     from pipeline.editing.hparams import HParamsError
     from pipeline.editing.methods import MethodError
@@ -46,7 +48,7 @@ def _user_errors():
 
     return (DataError, ParamsError, HParamsError, MethodError, RequestError, AdapterError, ModelLoadError,
             CovarianceCacheError, OptimisationError, LedgerError, StageError, ProbeError, ExportError, UserError,
-            FileNotFoundError, LogFilterError)
+            FileNotFoundError, LogFilterError, CorpusError, DistributedError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -113,6 +115,7 @@ def _edit(requests_path, out, method, model_path, params_path, engine, save_mode
     import torch
 
     from pipeline.config import load_params, modifier_overrides
+    from pipeline.corpus import Corpus
     from pipeline.editing.engine import default_corpus
     from pipeline.editing.engine import edit as run_edit
     from pipeline.editing.targets import ENGINES
@@ -138,7 +141,7 @@ def _edit(requests_path, out, method, model_path, params_path, engine, save_mode
     check_neighbor_requests(reqs, hp.neighbors)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} exists and is not empty")
-    corpus = Path(cfg["corpus"]["path"]) if cfg["corpus"]["path"] else default_corpus()
+    corpus = Corpus.configured(cfg["corpus"], default_corpus())
 
     torch.manual_seed(cfg["seed"])
     lm = load_model(model_path or cfg["model"]["path"], device=cfg["model"]["device"], dtype=cfg["model"]["dtype"])
@@ -648,6 +651,124 @@ def stage_export(fmt: str = typer.Option(..., "--format", help="peft | gguf")):
 
     r = _guard(stage.run, _project(), fmt)
     typer.echo(f"exports/{fmt}: the state after entry {r['entry_dir']} ({r['entry_id'][:12]}), {r['bytes']:,} bytes")
+
+
+# ------------------------------------------------------------------ on a cluster (torchrun -m pipeline ...)
+
+@app.command()
+def covariance(
+    params: Path = typer.Option(None, "--params", help="params.yaml: model, corpus, edit.method/hparams (default: built-in)"),
+    model: str = typer.Option(None, "--model", help="local HF model directory (default: params, else SmolLM2-135M-Instruct)"),
+    method: str = typer.Option(None, "--method", help="the method whose written layers are computed (default: params)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Compute the key covariances an edit with METHOD needs into the cache, over params.yaml's corpus.
+    Under `torchrun --nproc-per-node N -m pipeline covariance ...` the N processes share the corpus."""
+    _guard(_covariance, params, model, method, progress)
+
+
+def _load_for_rank(path: str | None, cfg: dict):
+    """The model on this rank's device; rank 0 prepares a built-in model first (once, not N times)."""
+    from pipeline import distributed
+    from pipeline.models.loading import load_model, resolve_model_path
+
+    device = distributed.init(cfg["model"]["device"])
+    where = distributed.broadcast(str(resolve_model_path(path)) if distributed.is_main() else None, "loading the model")
+    return load_model(where, device=device, dtype=cfg["model"]["dtype"])
+
+
+def _covariance(params_path, model_path, method, progress):
+    from pipeline import distributed
+    from pipeline.config import load_params, modifier_overrides
+    from pipeline.corpus import Corpus
+    from pipeline.editing.covariance import cut_of, second_moments
+    from pipeline.editing.engine import default_corpus
+    from pipeline.editing.hparams import load_hparams
+    from pipeline.editing.methods import get_method
+    from pipeline.editing.spread import written_projections
+    from pipeline.models.adapters import adapter_for
+    from pipeline.models.loading import cache_home
+
+    cfg = load_params(params_path)
+    spec = get_method(method or cfg["edit"]["method"])
+    hp = load_hparams(cfg["edit"]["hparams"], spec.hparams_from, modifier_overrides(cfg))
+    corpus = Corpus.configured(cfg["corpus"], default_corpus())
+    lm = _load_for_rank(model_path or cfg["model"]["path"], cfg)
+    adapter = adapter_for(lm.model)
+    targets = written_projections(spec.resolve(hp))
+    for _, layer in targets:
+        adapter.check_layer(lm.model, layer)
+    cache = Path(cfg["cache_dir"]) if cfg["cache_dir"] else cache_home() / "covariance"
+    t0 = time.perf_counter()
+    _, ids = second_moments(lm.model, lm.tokenizer, adapter, lm.fingerprint, corpus, targets, cut_of(hp),
+                            hp.cov_batch_tokens, hp.cov_dtype, cache, progress)
+    if distributed.is_main():
+        for (role, layer), kid in ids.items():
+            typer.echo(f"covariance {role}@{layer}: {kid}")
+        typer.echo(f"{len(ids)} entries in {cache} (processes: {distributed.size()}, {time.perf_counter() - t0:.1f} s)")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    requests: Path = typer.Option(..., "--requests", help="JSON list of CounterFact / zsRE records"),
+    out: Path = typer.Option(..., "--out", help="output directory (must not exist or be empty)"),
+    model: str = typer.Option(None, "--model", help="local HF model directory (default: params, else SmolLM2-135M-Instruct)"),
+    params: Path = typer.Option(None, "--params", help="params.yaml: its evaluation: settings (default: built-in)"),
+    ppl: bool = typer.Option(True, "--perplexity/--no-perplexity", help="also ME-PPL-50 (the shared data)"),
+):
+    """Evaluate a model on requests (CounterFact/zsRE protocol, fluency, consistency, ME-PPL-50);
+    write metrics.json and eval.parquet.  Under `torchrun --nproc-per-node N -m pipeline evaluate ...`
+    the N processes share the work and write the same numbers as one process."""
+    _guard(_evaluate, requests, out, model, params, ppl)
+
+
+def _evaluate(requests_path, out, model_path, params_path, with_ppl):
+    import pandas as pd
+
+    from pipeline import distributed
+    from pipeline.config import load_params
+    from pipeline.data import me_ppl_texts, verified_path
+    from pipeline.evaluation.cache import StateCache
+    from pipeline.evaluation.perplexity import perplexity
+    from pipeline.evaluation.suite import CONSISTENCY_REFERENCE, EvalSettings, by_protocol, evaluate_state, wikitext_tfidf
+    from pipeline.requests import load_requests
+    from pipeline.stages.common import write_json
+    from pipeline.stages.evaluate import finite
+
+    cfg = load_params(params_path)
+    settings = EvalSettings.from_params(cfg["evaluation"])
+    reqs = load_requests(requests_path)
+    try:
+        groups = by_protocol(reqs)
+    except ValueError as exc:  # plain requests without a true object: nothing to measure them by
+        raise UserError(str(exc)) from None
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output directory {out} exists and is not empty")
+    tfidf = wikitext_tfidf(verified_path("wikitext"))
+    texts = me_ppl_texts() if with_ppl else None
+    lm = _load_for_rank(model_path or cfg["model"]["path"], cfg)
+    cache = StateCache.of(lm.model, lm.fingerprint)
+    t0 = time.perf_counter()
+    metrics, tables = {}, []
+    for protocol, positions in groups.items():
+        m, df = evaluate_state(lm.model, lm.tokenizer, [reqs[i] for i in positions], settings.generation, tfidf,
+                               cache=cache)
+        metrics[protocol] = finite(m)
+        tables.append(df.assign(request=[positions[i] for i in df["request"]]))
+    doc = {"n_requests": len(reqs), "metrics": metrics, "model": {"path": str(lm.path), "fingerprint": lm.fingerprint},
+           "generation": {**settings.generation.describe(), "consistency": CONSISTENCY_REFERENCE},
+           "processes": distributed.size(), "seconds": None}
+    if texts is not None:
+        doc["perplexity"] = {"dataset": "ME-PPL-50", "n_texts": len(texts), "max_length": settings.ppl_max_length,
+                             "ppl": perplexity(lm.model, lm.tokenizer, texts, settings.ppl_max_length, cache=cache)}
+    doc["seconds"] = time.perf_counter() - t0
+    if distributed.is_main():
+        table = pd.concat(tables, ignore_index=True)
+        table["case_id"] = [None if v is None else str(v) for v in table["case_id"]]  # int (CounterFact) or str
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(out / "eval.parquet", index=False)
+        write_json(out / "metrics.json", doc)
+        typer.echo(json.dumps(metrics) + f"\nwrote {out} (processes: {distributed.size()}, {doc['seconds']:.1f} s)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -11,13 +11,18 @@ import yaml
 
 DEFAULTS: dict[str, Any] = {
     "model": {"path": None, "device": "cpu", "dtype": "float32"},
-    "corpus": {"path": None},
+    # the covariance corpus (pipeline/corpus.py): null = the bundled WikiText-2 sample; else a text, Parquet,
+    # JSON Lines or CSV file, a directory of them, a saved `datasets` directory, or hub:NAME
+    "corpus": {"path": None, "text_column": "text", "split": None, "config": None},
     # iterative / neighbors: the two modifiers (any method); recorded as hyper-parameters
     "edit": {"method": "pmet", "hparams": "smollm2-135m-instruct", "overrides": {}, "engine": "fast",
              "iterative": False, "neighbors": 0},
     # the DVC pipeline: one covariance stage per (role, layer); batches may only edit these
     "covariance": {"layers": [1, 2, 3, 4, 5], "roles": ["mlp_out"]},
     "cache_dir": None,
+    # the covariance and evaluate stages run in this many local processes (torchrun; gloo on CPU, NCCL on
+    # GPU, one GPU each).  Not a dependency of any stage: the results are the same (pipeline/distributed.py)
+    "distributed": {"processes": 1},
     "seed": 0,
     # the probes' DVC stages (probes/dvc.yaml): CounterFact records start .. start+n
     "probes": {"start": 0, "n": 100},
@@ -88,6 +93,10 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
         raise ParamsError("covariance.layers must be a list of layer indices (integers ≥ 0)")
     if not isinstance(cov["roles"], list) or not all(r in ("mlp_out", "attn_out") for r in cov["roles"]):
         raise ParamsError("covariance.roles must be a list of mlp_out / attn_out")
+    _check_corpus(params["corpus"])
+    procs = params["distributed"]["processes"]
+    if not isinstance(procs, int) or isinstance(procs, bool) or procs < 1:
+        raise ParamsError(f"distributed.processes must be an integer ≥ 1, got {procs!r}")
     _check_evaluation(params["evaluation"])
     ratio = params["guard"]["max_ppl_ratio"]
     if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio)
@@ -111,6 +120,14 @@ def modifier_overrides(cfg: dict[str, Any], iterative: bool | None = None, neigh
     if nb != 0:
         out["neighbors"] = nb
     return out
+
+
+def _check_corpus(corpus: dict) -> None:
+    if not isinstance(corpus["text_column"], str) or not corpus["text_column"]:
+        raise ParamsError(f"corpus.text_column must be a column name, got {corpus['text_column']!r}")
+    for k in ("path", "split", "config"):
+        if corpus[k] is not None and (not isinstance(corpus[k], str) or not corpus[k]):
+            raise ParamsError(f"corpus.{k} must be a non-empty string or null, got {corpus[k]!r}")
 
 
 def _check_evaluation(ev: dict) -> None:

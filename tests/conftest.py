@@ -141,10 +141,11 @@ def make_model(family: str, seed: int = 0, **overrides):
 
 @pytest.fixture(autouse=True, scope="session")
 def _fresh_evaluation_cache(tmp_path_factory):
-    """Each test session starts with an empty evaluation cache (and shares it with the commands it
-    runs): tests exercise the model, not results an earlier run left in the user's cache."""
+    """Each test session starts with an empty evaluation cache and corpus index (and shares them with
+    the commands it runs): tests exercise the model, not results an earlier run left in the user's cache."""
     mp = pytest.MonkeyPatch()
     mp.setenv("EDITLEDGER_EVAL_CACHE", str(tmp_path_factory.mktemp("eval-cache") / "cache.sqlite3"))
+    mp.setenv("EDITLEDGER_CORPUS_INDEX", str(tmp_path_factory.mktemp("corpus-index")))
     yield
     mp.undo()
 

@@ -2,10 +2,11 @@
 
 Every ``import`` / ``from … import`` of every module under ``pipeline/`` counts, also those inside
 functions (a local import hides a circle from Python, not from a reader).  Package layers, lowest
-first: the shared base (``requests``, ``tokens``, ``data``, ``config``, ``models``: they may use each
-other), then ``evaluation``, then ``editing``, ``ledger`` and ``report``, then ``probes`` (which
-hook into the editor's reads), ``artifacts`` and ``export`` (which rebuilds ledger states), then
-``stages``, then the CLI.  The ledger stores what the editor computes but never imports it.
+first: the shared base (``requests``, ``tokens``, ``data``, ``config``, ``models``, ``corpus``,
+``distributed``: they may use each other), then ``evaluation``, then ``editing``, ``ledger`` and
+``report``, then ``probes`` (which hook into the editor's reads), ``artifacts`` and ``export``
+(which rebuilds ledger states), then ``stages``, then the CLI, then ``python -m pipeline``.  The
+ledger stores what the editor computes but never imports it.
 """
 
 from __future__ import annotations
@@ -77,9 +78,9 @@ def test_the_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-LAYER = {"requests": 0, "tokens": 0, "data": 0, "config": 0, "models": 0,
+LAYER = {"requests": 0, "tokens": 0, "data": 0, "config": 0, "models": 0, "corpus": 0, "distributed": 0,
          "evaluation": 1, "editing": 2, "ledger": 2, "report": 2, "probes": 3, "artifacts": 3, "export": 3, "stages": 4,
-         "cli": 5}
+         "cli": 5, "__main__": 6}
 
 
 def _package(module: str) -> str | None:

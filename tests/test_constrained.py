@@ -98,7 +98,8 @@ def _edit(model, tok, corpus, cache, records, hp, method="pmet", **kw):
 def test_every_method_composes_with_the_null_space_rule(llama, corpus_path, tmp_path, method, modifier):
     """The written layers' deltas annihilate the preserved directions of their own covariance (also
     summed over the passes of separate optimisation and the iterations of iterative editing)."""
-    from pipeline.editing.covariance import Corpus, second_moments, spectra
+    from pipeline.corpus import Corpus
+    from pipeline.editing.covariance import cut_of, second_moments, spectra
     from pipeline.editing.methods import get_method
     from pipeline.editing.spread import written_projections
     from pipeline.models.loading import model_fingerprint
@@ -111,7 +112,7 @@ def test_every_method_composes_with_the_null_space_rule(llama, corpus_path, tmp_
     adapter = adapter_for(model)
     targets = written_projections(get_method(method).resolve(hp))
     covs, ids = second_moments(model, tok, adapter, model_fingerprint(model), Corpus.from_file(corpus_path), targets,
-                               hp.cov_max_length, hp.cov_max_texts, hp.cov_batch_tokens, hp.cov_dtype, tmp_path, False)
+                               cut_of(hp), hp.cov_batch_tokens, hp.cov_dtype, tmp_path, False)
     for (role, layer), (values, vectors) in spectra(covs, ids, tmp_path).items():
         d = res.deltas[adapter.parameter_name(role, layer)]
         w_delta = d.T if adapter.transposed else d  # [out, in]

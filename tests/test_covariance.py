@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import pipeline.editing.covariance as cov_mod
+from pipeline.corpus import Corpus, Cut, summarise, windows
 from pipeline.editing.covariance import (
-    Corpus,
     CovarianceCacheError,
     cache_key,
     compute_second_moments,
@@ -23,6 +23,10 @@ from pipeline.models.adapters import adapter_for
 from pipeline.models.loading import model_fingerprint
 
 MAX_LEN = 16
+
+
+def _chunks(path, tok, **cut) -> list[list[int]]:
+    return list(windows(Corpus.from_file(path), tok, Cut(MAX_LEN, **cut)))
 
 
 def _direct(model, adapter, chunks, targets):
@@ -44,7 +48,7 @@ def _direct(model, adapter, chunks, targets):
 def test_second_moments_match_direct_computation(model_factory, corpus_path, family):
     model, tok = model_factory(family)
     adapter = adapter_for(model)
-    chunks = Corpus.from_file(corpus_path).chunks(tok, MAX_LEN)
+    chunks = _chunks(corpus_path, tok)
     assert len(chunks) >= 4 and len({len(c) for c in chunks}) >= 2  # padding is exercised
     if family == "llama":
         assert all(c[0] == tok.bos_token_id for c in chunks) and max(map(len, chunks)) == MAX_LEN
@@ -63,7 +67,7 @@ def test_second_moments_match_direct_computation(model_factory, corpus_path, fam
 def test_attn_out_second_moment_and_batching_invariance(llama, corpus_path):
     model, tok = llama
     adapter = adapter_for(model)
-    chunks = Corpus.from_file(corpus_path).chunks(tok, MAX_LEN)
+    chunks = _chunks(corpus_path, tok)
     targets = [("attn_out", 1), ("mlp_out", 1)]
     one = compute_second_moments(model, adapter, chunks, targets, batch_tokens=1, progress=False)
     many = compute_second_moments(model, adapter, chunks, targets, batch_tokens=10_000, progress=False)
@@ -76,15 +80,14 @@ def test_attn_out_second_moment_and_batching_invariance(llama, corpus_path):
 
 
 def test_chunks_respect_max_texts_and_lengths(tok, tok_nobos, corpus_path):
-    corpus = Corpus.from_file(corpus_path)
-    all_chunks = corpus.chunks(tok_nobos, MAX_LEN)
+    all_chunks = _chunks(corpus_path, tok_nobos)
     assert all(len(c) <= MAX_LEN for c in all_chunks)
     lines = [ln.strip() for ln in corpus_path.read_text().splitlines() if ln.strip()]
     stream = tok_nobos("\n".join(lines), add_special_tokens=False)["input_ids"]  # lines joined by newlines
     assert [i for c in all_chunks for i in c] == stream  # nothing dropped, nothing repeated
-    first = corpus.chunks(tok_nobos, MAX_LEN, max_texts=1)
+    first = _chunks(corpus_path, tok_nobos, max_texts=1)
     assert [i for c in first for i in c] == tok_nobos(lines[0], add_special_tokens=False)["input_ids"]
-    with_bos = corpus.chunks(tok, MAX_LEN)
+    with_bos = _chunks(corpus_path, tok)
     assert all(c[0] == tok.bos_token_id and len(c) <= MAX_LEN for c in with_bos)
 
 
@@ -92,7 +95,7 @@ def test_empty_corpus_gives_a_clear_error(tok, tmp_path):
     p = tmp_path / "empty.txt"
     p.write_text("\n  \n", encoding="utf-8")
     with pytest.raises(ValueError, match="has no text"):
-        Corpus.from_file(p).chunks(tok, MAX_LEN)
+        _chunks(p, tok)
 
 
 def test_too_short_covariance_window_is_rejected_by_hparams():
@@ -111,14 +114,14 @@ def test_missing_corpus(tmp_path):
 def _run(model, tok, corpus_path, cache_dir, targets=(("mlp_out", 1), ("mlp_out", 2)), fp=None):
     adapter = adapter_for(model)
     return second_moments(model, tok, adapter, fp or model_fingerprint(model), Corpus.from_file(corpus_path),
-                          list(targets), MAX_LEN, 0, 64, "float32", cache_dir, progress=False)
+                          list(targets), Cut(MAX_LEN), 64, "float32", cache_dir, progress=False)
 
 
 def _no_compute(monkeypatch):
     def fail(*a, **k):
-        raise AssertionError("compute_second_moments was called although the cache should serve")
+        raise AssertionError("sharded_second_moments was called although the cache should serve")
 
-    monkeypatch.setattr(cov_mod, "compute_second_moments", fail)
+    monkeypatch.setattr(cov_mod, "sharded_second_moments", fail)
 
 
 def test_second_call_is_served_from_cache(llama, corpus_path, tmp_path, monkeypatch):
@@ -140,13 +143,13 @@ def test_cache_partially_filled_computes_only_missing(llama, corpus_path, tmp_pa
     cache = tmp_path / "cache"
     _run(model, tok, corpus_path, cache, targets=[("mlp_out", 1)])
     calls = []
-    real = cov_mod.compute_second_moments
+    real = cov_mod.sharded_second_moments
 
-    def spy(model, adapter, chunks, targets, *a, **k):
+    def spy(model, tok, adapter, corpus, cut, summary, targets, *a, **k):
         calls.append(list(targets))
-        return real(model, adapter, chunks, targets, *a, **k)
+        return real(model, tok, adapter, corpus, cut, summary, targets, *a, **k)
 
-    monkeypatch.setattr(cov_mod, "compute_second_moments", spy)
+    monkeypatch.setattr(cov_mod, "sharded_second_moments", spy)
     _run(model, tok, corpus_path, cache, targets=[("mlp_out", 1), ("mlp_out", 2)])
     assert calls == [[("mlp_out", 2)]]
 
@@ -183,8 +186,8 @@ def test_entry_for_a_different_key_is_rejected(llama, corpus_path, tmp_path, mon
     path = cache / "mlp_out-1" / f"{ids[('mlp_out', 1)]}.safetensors"
     # overwrite with a well-formed entry whose recorded key differs (e.g. another layer)
     corpus = Corpus.from_file(corpus_path)
-    chunks = corpus.chunks(tok, MAX_LEN)
-    wrong = cache_key(model_fingerprint(model), "mlp_out", 2, corpus, sum(map(len, chunks)), len(chunks), MAX_LEN, "float32")
+    wrong = cache_key(model_fingerprint(model), "mlp_out", 2, corpus, Cut(MAX_LEN), summarise(corpus, tok, Cut(MAX_LEN)),
+                      "float32")
     save_entry(path, wrong, covs[("mlp_out", 2)])
     _no_compute(monkeypatch)
     with pytest.raises(CovarianceCacheError, match="different key"):

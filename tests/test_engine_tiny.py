@@ -206,7 +206,7 @@ def test_covariance_is_shared_between_methods(llama, corpus_path, tmp_path, monk
     def fail(*a, **k):
         raise AssertionError("covariance recomputed although cached")
 
-    monkeypatch.setattr(cov_mod, "compute_second_moments", fail)
+    monkeypatch.setattr(cov_mod, "accumulate", fail)
     res2 = _edit(model, tok, corpus_path, tmp_path, "memit")
     assert res2.covariance_ids == res1.covariance_ids
 
@@ -373,12 +373,13 @@ def test_eager_attention_is_an_exchangeable_kernel(model_factory, corpus_path, t
 
 
 def test_bfloat16_covariance_is_close_and_cached_separately(llama, corpus_path, tmp_path):
-    from pipeline.editing.covariance import Corpus, second_moments
+    from pipeline.corpus import Corpus, Cut
+    from pipeline.editing.covariance import second_moments
     from pipeline.models.loading import model_fingerprint
 
     model, tok = llama
     adapter, fp, corpus = adapter_for(model), model_fingerprint(model), Corpus.from_file(corpus_path)
-    args = (model, tok, adapter, fp, corpus, [("mlp_out", 1)], 32, 0, 256)
+    args = (model, tok, adapter, fp, corpus, [("mlp_out", 1)], Cut(32), 256)
     c32, id32 = second_moments(*args, "float32", tmp_path, progress=False)
     c16, id16 = second_moments(*args, "bfloat16", tmp_path, progress=False)
     assert id32 != id16

@@ -254,7 +254,8 @@ def test_iterative_edit_replays_bit_exactly(model_factory, corpus_path, tmp_path
 def test_recorded_passes_replay_to_the_same_deltas(model_factory, corpus_path, tmp_path):
     """The ledger's apply stage re-runs the spreads of the recorded passes: same deltas, bit for bit."""
     from pipeline.editing.context import context_prefixes
-    from pipeline.editing.covariance import Corpus, second_moments
+    from pipeline.corpus import Corpus, Cut
+    from pipeline.editing.covariance import second_moments
     from pipeline.editing.spread import written_projections
     from pipeline.stages.targets_file import read_targets, targets_table
 
@@ -263,7 +264,7 @@ def test_recorded_passes_replay_to_the_same_deltas(model_factory, corpus_path, t
     spec, hp = get_method("jeep-separate"), HP.replace(iterative=True, max_iterations=2, iteration_epsilon=1e-12)
     reqs = parse_requests(_records())
     targets = written_projections(spec.resolve(hp))
-    covs, _ = second_moments(model, tok, adapter, "fp", Corpus.from_file(corpus_path), targets, 32, 0, 8192,
+    covs, _ = second_moments(model, tok, adapter, "fp", Corpus.from_file(corpus_path), targets, Cut(32), 8192,
                              "float32", tmp_path, False)
     prefixes = context_prefixes(model, tok, hp)
     first = drive(model, tok, adapter, reqs, prefixes, spec, hp, covs, Optimise(), apply=False)

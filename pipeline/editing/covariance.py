@@ -9,7 +9,12 @@ weights, the layer, the projection, the corpus and how the corpus was cut.  So
   several times faster on CPUs with bfloat16 dot products); per-batch products are formed in
   that dtype and accumulated in float64;
 * results are cached on disk under a content key; a cached file carries its key and a hash of
-  its bytes, and one that does not match is rejected (never silently used).
+  its bytes, and one that does not match is rejected (never silently used);
+* the corpus is streamed (:mod:`pipeline.corpus`), and under ``torchrun`` the batches are shared
+  among the processes (:mod:`pipeline.distributed`): each tokenises and forwards its own, the
+  float64 sums are all-reduced, rank 0 writes.  The batches are those one process forms, so a
+  batch's product is the same bits wherever it runs, and the result equals the single process's
+  up to the order of the float64 additions.  The key does not name the number of processes.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,6 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from pipeline import distributed
+from pipeline.corpus import Corpus, Cut, CutSummary, chunked, key_fields, shard_batches, summarise
 from pipeline.editing.hooks import hooks, record_input, run_truncated, stop_after
 from pipeline.editing.precision import working_copy
 from pipeline.models.adapters import Adapter
@@ -37,43 +44,11 @@ class CovarianceCacheError(RuntimeError):
     """A cache entry does not match its key or its content hash."""
 
 
-@dataclass(frozen=True)
-class Corpus:
-    path: Path
-    sha256: str
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Corpus:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"covariance corpus {p} does not exist")
-        h = hashlib.sha256(p.read_bytes()).hexdigest()
-        return cls(p, h)
-
-    def chunks(self, tok, max_length: int, max_texts: int = 0) -> list[list[int]]:
-        """The corpus as consecutive token windows of ``max_length`` (no padding is wasted).
-
-        Non-empty lines (``max_texts`` > 0 keeps the first lines only) are joined by newlines,
-        tokenised, and cut into windows; each window starts with the tokenizer's BOS token if it has one.
-        """
-        lines = [ln.strip() for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if max_texts:
-            lines = lines[:max_texts]
-        if not lines:
-            raise ValueError(f"covariance corpus {self.path} has no text")
-        stream: list[int] = tok("\n".join(lines), add_special_tokens=False)["input_ids"]
-        bos = [tok.bos_token_id] if _adds_bos(tok) else []
-        width = max_length - len(bos)
-        return [bos + stream[i : i + width] for i in range(0, len(stream), width)]
-
-
-def _adds_bos(tok) -> bool:
-    ids = tok("a")["input_ids"]
-    return tok.bos_token_id is not None and len(ids) > 0 and ids[0] == tok.bos_token_id
-
-
-def cache_key(fingerprint: str, role: str, layer: int, corpus: Corpus, n_tokens: int, n_chunks: int,
-              max_length: int, dtype: str) -> dict:
+def cache_key(fingerprint: str, role: str, layer: int, corpus: Corpus, cut: Cut, summary: CutSummary,
+              dtype: str) -> dict:
+    """What one (role, layer)'s second moment is a function of: the weights, the corpus content and
+    how it was cut (counted tokens and windows), the compute dtype — never how many processes
+    computed it."""
     return {
         "format": CACHE_FORMAT,
         "statistic": "uncentred second moment E[k k^T], float64 accumulation",
@@ -81,10 +56,11 @@ def cache_key(fingerprint: str, role: str, layer: int, corpus: Corpus, n_tokens:
         "role": role,
         "layer": layer,
         "corpus_sha256": corpus.sha256,
-        "n_tokens": n_tokens,
-        "n_chunks": n_chunks,
-        "max_length": max_length,
+        "n_tokens": summary.n_tokens,
+        "n_chunks": summary.n_windows,
+        "max_length": cut.max_length,
         "dtype": dtype,  # the compute dtype of the pass (the weights are in the fingerprint)
+        **key_fields(corpus, cut, summary),
     }
 
 
@@ -169,22 +145,21 @@ def spectra(covs: dict[tuple[str, int], torch.Tensor], ids: dict[tuple[str, int]
 
 
 @torch.no_grad()
-def compute_second_moments(model, adapter: Adapter, chunks: list[list[int]], targets: list[tuple[str, int]],
-                           batch_tokens: int, progress: bool = True) -> dict[tuple[str, int], torch.Tensor]:
-    """``E[k kᵀ]`` for each (role, layer) over every token of ``chunks``, in one truncated pass."""
+def accumulate(model, adapter: Adapter, batches: Iterable[list[list[int]]], targets: list[tuple[str, int]],
+               width: int, progress: bool = True, total: int | None = None
+               ) -> tuple[dict[tuple[str, int], torch.Tensor | None], int]:
+    """``Σ k kᵀ`` (float64, on the model's device; None if no batch) of each (role, layer) and the
+    number of tokens, over ``batches`` padded to ``width``, in one truncated pass."""
     device = next(model.parameters()).device
     top = max(layer for _, layer in targets)
-    acc = {t: None for t in targets}
+    acc: dict[tuple[str, int], torch.Tensor | None] = {t: None for t in targets}
     n_tokens = 0
     store: dict = {}
     regs = [record_input(adapter.module(model, role, layer), store, (role, layer)) for role, layer in targets]
     regs.append(stop_after(adapter.module(model, "block", top)))
-    width = max(len(c) for c in chunks)
-    per_batch = max(1, batch_tokens // width)
     backbone = adapter.module(model, "backbone")
     with hooks(regs):
-        for start in tqdm(range(0, len(chunks), per_batch), desc="covariance", disable=not progress, unit="batch"):
-            batch = chunks[start : start + per_batch]
+        for batch in tqdm(batches, desc="covariance", disable=not progress, unit="batch", total=total):
             lens = torch.tensor([len(c) for c in batch])
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             for i, c in enumerate(batch):
@@ -197,39 +172,70 @@ def compute_second_moments(model, adapter: Adapter, chunks: list[list[int]], tar
                 prod = (k.T @ k).double()
                 acc[t] = prod if acc[t] is None else acc[t].add_(prod)
             n_tokens += int(lens.sum())
-    return {t: (acc[t] / n_tokens).cpu() for t in targets}
+            distributed.fault_point("covariance:batch")
+    return acc, n_tokens
 
 
-def cache_keys(fingerprint: str, corpus: Corpus, chunks: list[list[int]], targets: list[tuple[str, int]],
-               max_length: int, dtype: str) -> dict[tuple[str, int], dict]:
-    """The cache key of each (role, layer): what its second moment is a function of."""
-    n_tokens = sum(len(c) for c in chunks)
-    return {t: cache_key(fingerprint, t[0], t[1], corpus, n_tokens, len(chunks), max_length, dtype) for t in targets}
+def compute_second_moments(model, adapter: Adapter, chunks: list[list[int]], targets: list[tuple[str, int]],
+                           batch_tokens: int, progress: bool = True) -> dict[tuple[str, int], torch.Tensor]:
+    """``E[k kᵀ]`` for each (role, layer) over every token of ``chunks``, in this process."""
+    width = max(len(c) for c in chunks)
+    sums, n_tokens = accumulate(model, adapter, chunked(chunks, max(1, batch_tokens // width)), targets, width, progress)
+    return {t: (sums[t] / n_tokens).cpu() for t in targets}
+
+
+def sharded_second_moments(model, tok, adapter: Adapter, corpus: Corpus, cut: Cut, summary: CutSummary,
+                           targets: list[tuple[str, int]], batch_tokens: int, progress: bool = True
+                           ) -> dict[tuple[str, int], torch.Tensor]:
+    """``E[k kᵀ]`` over the corpus: each rank forwards its share of the batches (all of them in a
+    single process) and tokenises only the texts they hold (:func:`~pipeline.corpus.shard_batches`);
+    the float64 sums and token counts are summed over the ranks."""
+    batches, share = shard_batches(corpus, tok, cut, summary, max(1, batch_tokens // summary.width))
+    sums, n_tokens = accumulate(model, adapter, batches, targets, summary.width, progress, total=share)
+    # rank 0 always has a batch; a rank with none contributes zeros of the same shapes
+    shapes = distributed.broadcast({t: tuple(s.shape) for t, s in sums.items()} if distributed.is_main() else None,
+                                   "covariance: sharing the statistic shapes")
+    device = next(model.parameters()).device
+    tensors = [sums[t] if sums[t] is not None else torch.zeros(shapes[t], dtype=torch.float64, device=device)
+               for t in targets]
+    count = torch.tensor([n_tokens], dtype=torch.long, device=device)
+    distributed.sum_tensors([*tensors, count], "covariance all-reduce")
+    return {t: (s / int(count)).cpu() for t, s in zip(targets, tensors)}
+
+
+def cut_of(hp) -> Cut:
+    """The corpus cut the hyper-parameters ask for (``cov_max_length``, ``cov_max_texts``, ``cov_max_tokens``)."""
+    return Cut(hp.cov_max_length, hp.cov_max_texts, hp.cov_max_tokens)
+
+
+def cache_keys(fingerprint: str, corpus: Corpus, cut: Cut, summary: CutSummary, targets: list[tuple[str, int]],
+               dtype: str) -> dict[tuple[str, int], dict]:
+    """The cache key of each (role, layer)."""
+    return {t: cache_key(fingerprint, t[0], t[1], corpus, cut, summary, dtype) for t in targets}
 
 
 def second_moments(model, tok, adapter: Adapter, fingerprint: str, corpus: Corpus, targets: list[tuple[str, int]],
-                   max_length: int, max_texts: int, batch_tokens: int, dtype: str, cache_dir: Path | None,
-                   progress: bool = True) -> tuple[dict[tuple[str, int], torch.Tensor], dict[tuple[str, int], str]]:
+                   cut: Cut, batch_tokens: int, dtype: str, cache_dir: Path | None, progress: bool = True
+                   ) -> tuple[dict[tuple[str, int], torch.Tensor], dict[tuple[str, int], str]]:
     """Cached second moments and their cache ids (the ids go into the ledger as fingerprints).
 
     ``dtype`` is the compute dtype of the pass; the model is cast (a copy) only if something
-    has to be computed.
+    has to be computed.  Under ``torchrun`` every rank calls this: rank 0 decides what is missing,
+    the ranks compute it together (:func:`sharded_second_moments`), and rank 0 alone writes the
+    entries, after the last collective, so a rank that dies leaves nothing written.
     """
-    chunks = corpus.chunks(tok, max_length, max_texts)
-    keys = cache_keys(fingerprint, corpus, chunks, targets, max_length, dtype)
+    summary = summarise(corpus, tok, cut)
+    keys = cache_keys(fingerprint, corpus, cut, summary, targets, dtype)
     ids = {t: key_id(k) for t, k in keys.items()}
-    result: dict[tuple[str, int], torch.Tensor] = {}
-    missing = []
-    for t in targets:
-        path = entry_path(cache_dir, t, ids[t]) if cache_dir else None
-        if path is not None and path.exists():
-            result[t] = load_entry(path, keys[t])
-        else:
-            missing.append(t)
+    paths = {t: entry_path(cache_dir, t, ids[t]) if cache_dir else None for t in targets}
+    missing = distributed.broadcast([t for t in targets if paths[t] is None or not paths[t].exists()]
+                                    if distributed.is_main() else None, "covariance: agreeing what is cached")
+    result = {t: load_entry(paths[t], keys[t]) for t in targets if t not in missing}
     if missing:
-        computed = compute_second_moments(working_copy(model, dtype), adapter, chunks, missing, batch_tokens, progress)
+        computed = sharded_second_moments(working_copy(model, dtype), tok, adapter, corpus, cut, summary, missing,
+                                          batch_tokens, progress and distributed.is_main())
         for t, cov in computed.items():
-            if cache_dir:
-                save_entry(entry_path(cache_dir, t, ids[t]), keys[t], cov)
+            if paths[t] is not None and distributed.is_main():
+                save_entry(paths[t], keys[t], cov)
             result[t] = cov
-    return result, ids
+    return {t: result[t] for t in targets}, ids

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from pipeline.editing.context import context_prefixes
-from pipeline.editing.covariance import Corpus, second_moments, spectra
+from pipeline.corpus import Corpus
+from pipeline.editing.covariance import cut_of, second_moments, spectra
 from pipeline.editing.driver import Optimise, Replay, drive
 from pipeline.editing.hparams import HParams, HParamsError
 from pipeline.editing.methods import Method, get_method, sites_of
@@ -125,12 +126,12 @@ def edit(model, tokenizer, requests, method: str = "pmet", hparams: HParams | di
     model.requires_grad_(False)
     try:
         t0 = time.perf_counter()
-        corpus = corpus if isinstance(corpus, Corpus) else Corpus.from_file(corpus or default_corpus())
+        corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus or default_corpus())
         cache = Path(cache_dir) if cache_dir is not None else cache_home() / "covariance"
         fp = fingerprint or model_fingerprint(model)
         targets = written_projections(spec.resolve(hp))
-        covs, cov_ids = second_moments(model, tokenizer, adapter, fp, corpus, targets, hp.cov_max_length,
-                                       hp.cov_max_texts, hp.cov_batch_tokens, hp.cov_dtype, cache, progress)
+        covs, cov_ids = second_moments(model, tokenizer, adapter, fp, corpus, targets, cut_of(hp),
+                                       hp.cov_batch_tokens, hp.cov_dtype, cache, progress)
         timings["covariance_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         prefixes = replay.prefixes if replay is not None and replay.prefixes is not None else \

@@ -63,7 +63,8 @@ class HParams:
     context_starters: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     context_length: int = 10  # generated tokens per context prefix
     context_seed: int = 0
-    cov_max_texts: int = 0  # 0 = every line of the corpus
+    cov_max_texts: int = 0  # 0 = every text (line) of the corpus
+    cov_max_tokens: int = 0  # 0 = every token; else the corpus stream stops after this many (pipeline/corpus.py)
     cov_max_length: int = 256
     cov_batch_tokens: int = 8192
     # Compute dtypes of the two heavy loops, independent of the model's storage dtype.  On CPUs
@@ -139,8 +140,10 @@ class HParams:
             raise HParamsError(f"v_workers must be an integer in 0..256 (0 = one per torch thread), got {self.v_workers!r}")
         if self.cov_max_length < 8:
             raise HParamsError(f"cov_max_length must be ≥ 8 tokens, got {self.cov_max_length}")
-        if not isinstance(self.cov_max_texts, int) or isinstance(self.cov_max_texts, bool) or self.cov_max_texts < 0:
-            raise HParamsError(f"cov_max_texts must be an integer ≥ 0 (0 = all), got {self.cov_max_texts!r}")
+        for name in ("cov_max_texts", "cov_max_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise HParamsError(f"{name} must be an integer ≥ 0 (0 = all), got {v!r}")
         for name in ("v_dtype", "cov_dtype"):
             if getattr(self, name) not in COMPUTE_DTYPES:
                 raise HParamsError(f"{name} must be one of {', '.join(COMPUTE_DTYPES)}, got {getattr(self, name)!r}")

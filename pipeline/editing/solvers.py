@@ -112,7 +112,8 @@ def joint(system: LayerSystem, hp: Any) -> tuple[torch.Tensor, dict]:
 def null_space(system: LayerSystem, hp: Any) -> tuple[torch.Tensor, dict]:
     if system.spectrum is None:
         raise ValueError("the null_space rule needs the covariance's spectrum")
-    p = null_space_projector(system.spectrum, hp.null_space_share)
+    values, vectors = system.spectrum  # cached on the CPU; the d×d projector is formed where the keys are (a GPU)
+    p = null_space_projector((values, vectors.to(system.keys.device)), hp.null_space_share)
     upd = null_space_update(system.keys, system.resid, p, system.history, hp.null_space_alpha)
     return upd, {"projector_rank": max(1, round(hp.null_space_share * p.shape[0]))}
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import distributed
 from pipeline.evaluation.scoring import Pair, Scores
 
 VERSION = 1  # bump when a change to the evaluation code changes any cached number
@@ -64,10 +65,11 @@ class StateCache:
         self.path = path
         self.state = _digest({"weights": fingerprint, **numerics(model)})
         self.hits = self.misses = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS results (state TEXT, kind TEXT, key TEXT, value TEXT, "
-                       "PRIMARY KEY (state, kind, key))")
+        if distributed.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.execute("CREATE TABLE IF NOT EXISTS results (state TEXT, kind TEXT, key TEXT, value TEXT, "
+                           "PRIMARY KEY (state, kind, key))")
 
     @classmethod
     def of(cls, model, fingerprint: str | None, path: Path | None = None) -> StateCache | None:
@@ -82,13 +84,10 @@ class StateCache:
         """The result of every item (each a JSON-able description of one question): read where
         present, ``compute``\\ d (on the missing items, in their order) and stored otherwise."""
         keys = [_digest(x) for x in items]
-        found: dict[str, str] = {}
-        with self._connect() as db:
-            unique = list(dict.fromkeys(keys))
-            for s in range(0, len(unique), 500):  # SQLite's bound-parameter limit
-                part = unique[s : s + 500]
-                q = f"SELECT key, value FROM results WHERE state = ? AND kind = ? AND key IN ({','.join('?' * len(part))})"
-                found.update(db.execute(q, [self.state, kind, *part]).fetchall())
+        # under torchrun rank 0 alone reads and writes the file; every rank gets what it read, so
+        # all compute the same missing items together (their computation is sharded)
+        found: dict[str, str] = distributed.broadcast(self._read(kind, keys) if distributed.is_main() else None,
+                                                      "evaluation cache look-up")
         first: dict[str, int] = {}
         for i, k in enumerate(keys):
             first.setdefault(k, i)
@@ -98,11 +97,22 @@ class StateCache:
         if todo:
             values = compute([items[i] for i in todo])
             new = {keys[i]: json.dumps(v) for i, v in zip(todo, values)}
-            with self._connect() as db:
-                db.executemany("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?)",
-                               [(self.state, kind, k, v) for k, v in new.items()])
+            if distributed.is_main():
+                with self._connect() as db:
+                    db.executemany("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?)",
+                                   [(self.state, kind, k, v) for k, v in new.items()])
             found.update(new)
         return [json.loads(found[k]) for k in keys]
+
+    def _read(self, kind: str, keys: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        with self._connect() as db:
+            unique = list(dict.fromkeys(keys))
+            for s in range(0, len(unique), 500):  # SQLite's bound-parameter limit
+                part = unique[s : s + 500]
+                q = f"SELECT key, value FROM results WHERE state = ? AND kind = ? AND key IN ({','.join('?' * len(part))})"
+                found.update(db.execute(q, [self.state, kind, *part]).fetchall())
+        return found
 
     def scores(self, pairs: list[Pair], compute: Callable[[list[Pair]], Scores]) -> Scores:
         def run(todo: list) -> list:

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from pipeline import distributed
 from pipeline.tokens import encode_prompt
 from pipeline.models.adapters import adapter_for
 
@@ -104,11 +105,16 @@ def generate(model, tok, prompts: Sequence[str], keys: Sequence[str], settings: 
 
     def run(todo: list) -> list[list[int]]:
         order = sorted(range(len(todo)), key=lambda i: (len(todo[i][0]), i))  # little padding
-        out: list[list[int]] = [[] for _ in todo]
-        for start in range(0, len(order), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
+        batches = [order[start : start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
+
+        def decode(idx: list[int]) -> list[list[int]]:
             gens = [torch.Generator().manual_seed(todo[i][1]) for i in idx]
-            for i, cont in zip(idx, _generate_batch(model, tok, [todo[i][0] for i in idx], gens, settings)):
+            return _generate_batch(model, tok, [todo[i][0] for i in idx], gens, settings)
+
+        out: list[list[int]] = [[] for _ in todo]
+        # under torchrun each rank decodes whole batches: every sequence in the batch it has in one process
+        for idx, conts in zip(batches, distributed.map_shared(decode, batches, "generation")):
+            for i, cont in zip(idx, conts):
                 out[i] = cont
         return out
 

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pipeline import distributed
 from pipeline.tokens import pad_right
 from pipeline.models.adapters import adapter_for
 
@@ -39,14 +40,19 @@ def _perplexity(model, encoded: list[list[int]], pad: int, batch_size: int) -> f
     backbone = adapter.module(model, "backbone")
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    nll, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        seqs = [encoded[i] for i in order[start : start + batch_size]]
-        ids, mask = pad_right(seqs, pad)
+
+    def run(idx: list[int]) -> tuple[float, int]:
+        """One batch's summed NLL and predicted-token count."""
+        ids, mask = pad_right([encoded[i] for i in idx], pad)
         ids, mask = ids.to(device), mask.to(device)
         hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         take = mask[:, 1:].bool()
         logits = adapter.logits(model, hidden[:, :-1][take])
-        nll += float(F.cross_entropy(logits.float(), ids[:, 1:][take], reduction="sum"))
-        count += int(take.sum())
+        return float(F.cross_entropy(logits.float(), ids[:, 1:][take], reduction="sum")), int(take.sum())
+
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    nll, count = 0.0, 0
+    for part, n in distributed.map_shared(run, batches, "perplexity"):  # summed in batch order on every rank
+        nll += part
+        count += n
     return math.exp(nll / count)

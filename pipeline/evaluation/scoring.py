@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline import distributed
 from pipeline.evaluation.batching import filled, length_batches
 from pipeline.tokens import encode_prompt, target_ids
 from pipeline.models.adapters import adapter_for
@@ -63,7 +64,9 @@ def carriers(pairs: list[Pair]) -> tuple[list[tuple[int, ...]], list[int]]:
 
 @torch.no_grad()
 def score_tokens(model, pairs: list[Pair], batch_size: int = SCORE_BATCH) -> Scores:
-    """:class:`Scores` of token-id pairs, in input order (see the module docstring)."""
+    """:class:`Scores` of token-id pairs, in input order (see the module docstring).  Under
+    ``torchrun`` the batches are shared among the ranks and their results gathered: a batch's
+    numbers do not depend on where it runs, so every rank returns the single process's bits."""
     adapter = adapter_for(model)
     backbone = adapter.module(model, "backbone")
     device = next(model.parameters()).device
@@ -78,9 +81,9 @@ def score_tokens(model, pairs: list[Pair], batch_size: int = SCORE_BATCH) -> Sco
     token = torch.tensor([x for _, a in pairs for x in a], dtype=torch.long)
     first = torch.zeros(len(token), dtype=torch.bool)
     first[offset] = True
-    tok_lp, tok_ok = torch.empty(len(token)), torch.empty(len(token))
-    rank = torch.empty(len(token), dtype=torch.long)
-    for idx in length_batches([len(s) for s in seqs], batch_size):
+
+    def run(idx: list[int]) -> tuple[torch.Tensor, ...]:
+        """One batch: the flat indices it reads, their log-prob and argmax hit; the first tokens' ranks."""
         rows = filled(idx, idx[0])
         hidden = backbone(input_ids=torch.tensor([seqs[i] for i in rows], device=device),
                           use_cache=False).last_hidden_state
@@ -92,10 +95,16 @@ def score_tokens(model, pairs: list[Pair], batch_size: int = SCORE_BATCH) -> Sco
         flat = torch.tensor([f for b, pos in at if b < len(idx) for f in reads[rows[b]][pos]])
         asked = token[flat].to(device)
         lp = logp[row_of, asked]
-        tok_lp[flat] = lp.cpu()
-        tok_ok[flat] = (logp.argmax(-1)[row_of] == asked).float().cpu()
         head = first[flat]
-        rank[flat[head]] = (logp[row_of[head.to(device)]] > lp[head.to(device), None]).sum(-1).cpu()
+        rank = (logp[row_of[head.to(device)]] > lp[head.to(device), None]).sum(-1)
+        return flat, lp.cpu(), (logp.argmax(-1)[row_of] == asked).float().cpu(), rank.cpu()
+
+    tok_lp, tok_ok = torch.empty(len(token)), torch.empty(len(token))
+    rank = torch.empty(len(token), dtype=torch.long)
+    for flat, lp, ok, head_rank in distributed.map_shared(run, length_batches([len(s) for s in seqs], batch_size),
+                                                          "scoring"):
+        tok_lp[flat], tok_ok[flat] = lp, ok
+        rank[flat[first[flat]]] = head_rank
     owner = torch.repeat_interleave(torch.arange(len(pairs)), n)
     sum_lp = torch.zeros(len(pairs)).index_add_(0, owner, tok_lp)
     sum_ok = torch.zeros(len(pairs)).index_add_(0, owner, tok_ok)

@@ -16,8 +16,11 @@ from typing import Any
 import pandas as pd
 import torch
 
+from pipeline import distributed
+from pipeline.config import load_params
 from pipeline.data import sha256_file
-from pipeline.editing.covariance import Corpus, spectra
+from pipeline.corpus import Corpus, CorpusError
+from pipeline.editing.covariance import spectra
 from pipeline.editing.hparams import HParams, load_hparams
 from pipeline.editing.history import history_of
 from pipeline.editing.methods import Method, get_method, sites_of
@@ -100,10 +103,20 @@ def user_cache(project: Project, cfg: dict) -> Path:
 
 
 def corpus(project: Project, cfg: dict) -> Corpus:
-    path = project.path(cfg["corpus"]["path"]) if cfg["corpus"]["path"] else project.root / CORPUS
-    if not path.exists():
-        raise StageError(f"covariance corpus {path} does not exist (the data stage writes the default one)")
-    return Corpus.from_file(path)
+    """The configured covariance corpus (params.yaml ``corpus:``; default: the data stage's WikiText copy)."""
+    try:
+        return Corpus.configured(cfg["corpus"], project.root / CORPUS, project.path)
+    except (FileNotFoundError, CorpusError) as exc:
+        raise StageError(f"{exc} (the data stage writes the default corpus)") from None
+
+
+def in_processes(processes: int, args: list[str], what: str) -> None:
+    """Run ``editledger ARGS`` (a stage) in ``processes`` processes under ``torchrun``: what the
+    covariance and evaluate stages do when ``distributed.processes`` asks for more than one."""
+    code = distributed.launch(processes, args)
+    if code:
+        raise StageError(f"{what} in {processes} processes (torchrun) failed with exit code {code}: a rank stopped "
+                         "(its error is above); nothing was written")
 
 
 def base_model(project: Project, device: str | None = None) -> LoadedModel:

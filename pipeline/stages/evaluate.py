@@ -19,6 +19,7 @@ retention mode, consistency reference, perplexity cut) recorded beside it.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline import distributed
 from pipeline.evaluation.cache import StateCache
 from pipeline.evaluation.perplexity import perplexity
 from pipeline.evaluation.protocols import protocol_of
@@ -33,11 +35,11 @@ from pipeline.evaluation.retention import Candidate, plan
 from pipeline.evaluation.suite import CONSISTENCY_REFERENCE, EvalSettings, by_protocol, evaluate_state, wikitext_tfidf
 from pipeline.ledger import read_batch, read_requests, write_evaluation
 from pipeline.ledger.atomic import canonical_json
-from pipeline.ledger.layout import KV_FILE
+from pipeline.ledger.layout import KV_FILE, METRICS_FILE
 from pipeline.ledger.replay import materialize
 from pipeline.stages.targets_file import read_targets
 from pipeline.ledger.store import load
-from pipeline.stages.common import CORPUS, Project, StageError, base_model, me_ppl_texts
+from pipeline.stages.common import CORPUS, Project, StageError, base_model, in_processes, me_ppl_texts
 
 
 def finite(value: Any) -> Any:
@@ -77,7 +79,11 @@ def run(batch_dir: str | Path) -> dict:
     batch = read_batch(batch_dir)
     if batch.kind != "edit":
         raise StageError(f"{batch_dir.name} is a {batch.kind} batch: it has no evaluate stage")
-    settings = EvalSettings.from_params(project.params()["evaluation"])
+    cfg = project.params()
+    processes = cfg["distributed"]["processes"]
+    if processes > 1 and not distributed.launched():
+        return _in_processes(batch_dir, processes)
+    settings = EvalSettings.from_params(cfg["evaluation"])
     chain, states = load(project.ledger, upto=batch_dir.name)
     entry = chain[-1]
     reqs = read_requests(batch_dir)
@@ -85,7 +91,7 @@ def run(batch_dir: str | Path) -> dict:
         raise StageError(f"{project.root / CORPUS} does not exist: run `dvc repro -P` (stage data) first")
     tfidf = wikitext_tfidf(project.root / CORPUS)
     texts = me_ppl_texts(project)
-    lm = base_model(project)
+    lm = base_model(project, distributed.init(cfg["model"]["device"]))
     # neighbour-assisted batches: the neighbours used for editing are not specificity tests
     kv = batch_dir / KV_FILE
     editing_neighbors = read_targets(kv)[1].get("editing_neighbors") if kv.exists() else None
@@ -151,4 +157,11 @@ def run(batch_dir: str | Path) -> dict:
            "timings": timings}
     table = pd.concat([r if "batch" in r else r.assign(batch=batch_dir.name) for r in rows], ignore_index=True)
     table["case_id"] = [None if v is None else str(v) for v in table["case_id"]]  # int (CounterFact) or str
-    return write_evaluation(entry, table, doc)
+    return write_evaluation(entry, table, doc) if distributed.is_main() else {"dir": entry.dirname, **doc}
+
+
+def _in_processes(batch_dir: Path, processes: int) -> dict:
+    """Run this stage under ``torchrun`` in ``processes`` processes (they share every state's
+    batches; rank 0 writes); the metrics.json they wrote."""
+    in_processes(processes, ["stage", "evaluate", "--batch", str(batch_dir)], f"evaluate {batch_dir.name}")
+    return json.loads((batch_dir / METRICS_FILE).read_text())
