@@ -58,16 +58,20 @@ def parse_variant(text: str, neighbors: int) -> tuple[str, dict]:
     return method, overrides
 
 
-def evaluate_state(model, tok, reqs, editing_neighbors, texts: list[str], tfidf) -> dict:
+def evaluate_state(model, tok, reqs, editing_neighbors, texts: list[str], tfidf, fingerprint: str | None = None) -> dict:
     """The headline row of one model state: the evaluate stage's suite (CounterFact protocol, and
-    with ``tfidf`` the generation metrics, default decoding settings) plus ME-PPL-50 perplexity."""
+    with ``tfidf`` the generation metrics, default decoding settings) plus ME-PPL-50 perplexity.
+    With the state's ``fingerprint`` (the unedited model's) results come from and go to the
+    evaluation cache, so every benchmark's unedited row is computed once per record."""
+    from pipeline.evaluation.cache import StateCache
     from pipeline.evaluation.generation import DecodingSettings
     from pipeline.evaluation.perplexity import perplexity
     from pipeline.evaluation.suite import evaluate_state as suite_state
 
-    m, _ = suite_state(model, tok, reqs, DecodingSettings(), tfidf, editing_neighbors)
+    cache = StateCache.of(model, fingerprint)
+    m, _ = suite_state(model, tok, reqs, DecodingSettings(), tfidf, editing_neighbors, cache)
     row = {k: m.get(k) for k in ("efficacy", "generalization", "specificity", "score", "fluency")}
-    row["me_ppl_50"] = perplexity(model, tok, texts)
+    row["me_ppl_50"] = perplexity(model, tok, texts, cache=cache)
     return row
 
 
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "iterations"}), flush=True)
 
     if args.force or not row_file(rows_dir, "unedited").exists():
-        save({"variant": "unedited", **evaluate_state(lm.model, lm.tokenizer, all_reqs, None, texts, tfidf),
+        save({"variant": "unedited", **evaluate_state(lm.model, lm.tokenizer, all_reqs, None, texts, tfidf, lm.fingerprint),
               "avg_iterations": None, "edit_s": 0.0, "threads": threads})
     for v, method, hp in todo:
         if not claim(rows_dir, v, args.force):

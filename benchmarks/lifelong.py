@@ -421,7 +421,7 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
     # last, so that two processes editing one variant each do not both spend the time on it
     if not (rdir / "unedited.json").exists():
         t0 = time.perf_counter()
-        row = evaluate_state(model, tok, reqs, None, texts, tfidf)
+        row = evaluate_state(model, tok, reqs, None, texts, tfidf, lm.fingerprint)
         (rdir / "unedited.json").write_text(json.dumps({**row, "eval_s": time.perf_counter() - t0}, indent=2))
     typer.echo(f"wrote {write_table(rdir, names, n, batch)}")
 
