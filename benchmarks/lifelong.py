@@ -258,10 +258,21 @@ def seed_variant(src: Path, dst: Path, n: int, batch: int, start: int) -> None:
     typer.echo(f"{dst.name}: seeded with {len(rows)} batches from {src}")
 
 
-def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT) -> None:
+def head_commit(root: Path = ROOT) -> str | None:
+    """The commit whose code is running (a final evaluation may run on newer code than its edits)."""
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    return out or None
+
+
+def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT, editing_left: bool = True) -> None:
     """Pin a history to the hyper-parameters and code it started with: resuming it with others
     would silently mix two settings in one curve.  The code is ``pipeline/`` at the recorded
-    commit; after it changed, the rest of a history runs from a worktree of that commit."""
+    commit; after it changed, the rest of a history runs from a worktree of that commit.  A
+    history with every batch made (``editing_left`` false) only needs its final evaluation, which
+    edits nothing: that may run on newer code (the evaluation is bit-identical across the
+    evaluation-speed change, benchmarks/RESULTS.md), and final.json records which commit ran it."""
     import subprocess
     from dataclasses import asdict
 
@@ -274,14 +285,13 @@ def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT) -> None:
             raise SystemExit(f"error: {path.parent} was started with other hyper-parameters ({', '.join(diff)}); "
                              f"delete {path.parent} to start it again")
         commit = saved.get("commit")
-        changed = git("diff", "--name-only", commit, "--", "pipeline").stdout.split() if commit else []
+        changed = git("diff", "--name-only", commit, "--", "pipeline").stdout.split() if commit and editing_left else []
         if changed:
             raise SystemExit(f"error: {path.parent} was started at commit {commit[:10]} and pipeline/ has changed since "
                              f"({', '.join(changed)}); continue it on its own code: git worktree add ../lifelong-code "
                              f"{commit[:10]}, then run benchmarks/lifelong.py there with --out {path.parents[2]}")
         return
-    commit = git("rev-parse", "HEAD").stdout.strip()
-    path.write_text(json.dumps({"hparams": wanted, "commit": commit or None}, indent=2) + "\n")
+    path.write_text(json.dumps({"hparams": wanted, "commit": head_commit(root)}, indent=2) + "\n")
 
 
 def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: int = 0,
@@ -350,7 +360,7 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
         if seed_from is not None and not curve_path.exists():
             seed_variant(seed_from / m, mdir, n, batch, start)
         curve = read_jsonl(curve_path)
-        check_settings(mdir / "settings.json", hp, bool(curve))
+        check_settings(mdir / "settings.json", hp, bool(curve), editing_left=len(curve) < n // batch)
         model.load_state_dict(base_state)
         if hp.norm_anchor and unedited is None:
             unedited = copy.deepcopy(model)
@@ -412,8 +422,8 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
         if not final.exists():
             t0 = time.perf_counter()
             row = evaluate_state(model, tok, reqs, None, texts, tfidf)
-            final.write_text(json.dumps({"metrics": row, "eval_s": time.perf_counter() - t0, "machine": machine},
-                                        indent=2))
+            final.write_text(json.dumps({"metrics": row, "eval_s": time.perf_counter() - t0, "machine": machine,
+                                         "commit": head_commit()}, indent=2))
         state = model.state_dict()
         save_growth(mdir, base_state, {k: state[k] for k in changed})
         write_table(rdir, names, n, batch)

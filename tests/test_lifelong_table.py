@@ -68,6 +68,9 @@ def test_a_history_resumes_only_with_the_settings_it_started_with(ll, tmp_path):
     git("commit", "-qam", "engine")
     with pytest.raises(SystemExit, match="pipeline/ has changed"):
         ll.check_settings(path, hp, resuming=True, root=repo)
+    ll.check_settings(path, hp, resuming=True, root=repo, editing_left=False)  # only the final evaluation is left
+    with pytest.raises(SystemExit, match="other hyper-parameters"):  # but never with other settings
+        ll.check_settings(path, hp.replace(v_num_grad_steps=3), resuming=True, root=repo, editing_left=False)
     assert json.loads(path.read_text()) == saved
 
 
