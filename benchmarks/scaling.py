@@ -188,7 +188,8 @@ def main(tokens: int = typer.Option(40_000, help="covariance tokens per run"),
             print(json.dumps({**result, "world_size": distributed.size()}))
         return
     result: dict = {"cpu_count": os.cpu_count(), "threads_per_rank": 1, "repeat": repeat,
-                    "note": "shared machine (other jobs running): figures are what it gave then"}
+                    "note": "each run records the load average before and after it: above the core count, "
+                            "other jobs shared the machine and the figures are what it gave then"}
     with tempfile.TemporaryDirectory() as index:
         for part, n in (("covariance", tokens), ("evaluation", records)):
             runs: dict[str, list] = {"1": [], "2": []}
