@@ -3,7 +3,7 @@
 Takes a DVC project whose ledger was evaluated by some version of editledger (e.g. the main job run
 from a clone of an earlier commit), copies it (the model, data and DVC cache hard-linked, the ledger
 and DVC's files copied), runs ``dvc repro -f`` of every batch's ``evaluate`` stage in the copy with
-*this* checkout's code, and compares every number of each ``metrics.json`` (timings aside) and every
+*this* checkout's code and the evaluation cache off (every number computed, none read back), and compares every number of each ``metrics.json`` (timings aside) and every
 row of each ``eval.parquet`` with the originals: which are bit-identical, the largest difference of
 the others, whether they are equal at the precision ``editledger log`` and ``report`` print (3
 decimals), whether any success flipped or any generated text changed; and the stage's time before
@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -103,7 +104,9 @@ def main(project: Path, out: Path = ROOT / "benchmarks" / "results" / "eval_iden
         hardlinked_copy(project, copy)
         for b in batches:
             stage = f"ledger/{b.name}/dvc.yaml:evaluate"
-            done = subprocess.run(["dvc", "repro", "-f", "-s", stage], cwd=copy, capture_output=True, text=True)
+            # the evaluation cache off: every number is computed by this code, none read back
+            env = {**os.environ, "EDITLEDGER_EVAL_CACHE": "off", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+            done = subprocess.run(["dvc", "repro", "-f", "-s", stage], cwd=copy, capture_output=True, text=True, env=env)
             if done.returncode:
                 raise SystemExit(f"error: dvc repro -f -s {stage} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
             old, new = (json.loads((p / "ledger" / b.name / "metrics.json").read_text()) for p in (project, copy))

@@ -266,6 +266,19 @@ def head_commit(root: Path = ROOT) -> str | None:
     return out or None
 
 
+def field_defaults(hp) -> dict:
+    """The JSON form of each hyper-parameter's default (fields without one are left out)."""
+    from dataclasses import MISSING, fields
+
+    out = {}
+    for f in fields(hp):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out))
+
+
 def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT, editing_left: bool = True) -> None:
     """Pin a history to the hyper-parameters and code it started with: resuming it with others
     would silently mix two settings in one curve.  The code is ``pipeline/`` at the recorded
@@ -280,8 +293,10 @@ def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT, editing_le
     wanted = json.loads(json.dumps(asdict(hp)))
     if resuming and path.exists():
         saved = json.loads(path.read_text())
-        if saved["hparams"] != wanted:
-            diff = sorted(k for k in wanted.keys() | saved["hparams"].keys() if wanted.get(k) != saved["hparams"].get(k))
+        # a field added to HParams after the history started reads as its default (as entry ids do)
+        saved_hp = {**{k: v for k, v in field_defaults(hp).items() if k not in saved["hparams"]}, **saved["hparams"]}
+        if saved_hp != wanted:
+            diff = sorted(k for k in wanted.keys() | saved_hp.keys() if wanted.get(k) != saved_hp.get(k))
             raise SystemExit(f"error: {path.parent} was started with other hyper-parameters ({', '.join(diff)}); "
                              f"delete {path.parent} to start it again")
         commit = saved.get("commit")

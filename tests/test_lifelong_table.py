@@ -69,6 +69,13 @@ def test_a_history_resumes_only_with_the_settings_it_started_with(ll, tmp_path):
     with pytest.raises(SystemExit, match="pipeline/ has changed"):
         ll.check_settings(path, hp, resuming=True, root=repo)
     ll.check_settings(path, hp, resuming=True, root=repo, editing_left=False)  # only the final evaluation is left
+    older = json.loads(path.read_text())
+    del older["hparams"]["cov_max_tokens"]  # written before that field existed: read as its default
+    path.write_text(json.dumps(older))
+    ll.check_settings(path, hp, resuming=True, root=repo, editing_left=False)
+    with pytest.raises(SystemExit, match=r"other hyper-parameters \(cov_max_tokens\)"):
+        ll.check_settings(path, hp.replace(cov_max_tokens=1000), resuming=True, root=repo, editing_left=False)
+    path.write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match="other hyper-parameters"):  # but never with other settings
         ll.check_settings(path, hp.replace(v_num_grad_steps=3), resuming=True, root=repo, editing_left=False)
     assert json.loads(path.read_text()) == saved
