@@ -345,6 +345,7 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
     from pipeline.models.loading import cache_home, load_model
     from pipeline.requests import parse_requests
 
+    code_commit = head_commit()  # the code this process runs (HEAD may move while it does)
     torch.manual_seed(0)
     lm = load_model()
     model, tok = lm.model, lm.tokenizer
@@ -438,7 +439,7 @@ def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start:
             t0 = time.perf_counter()
             row = evaluate_state(model, tok, reqs, None, texts, tfidf)
             final.write_text(json.dumps({"metrics": row, "eval_s": time.perf_counter() - t0, "machine": machine,
-                                         "commit": head_commit()}, indent=2))
+                                         "commit": code_commit}, indent=2))
         state = model.state_dict()
         save_growth(mdir, base_state, {k: state[k] for k in changed})
         write_table(rdir, names, n, batch)
