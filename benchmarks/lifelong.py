@@ -266,37 +266,25 @@ def head_commit(root: Path = ROOT) -> str | None:
     return out or None
 
 
-def field_defaults(hp) -> dict:
-    """The JSON form of each hyper-parameter's default (fields without one are left out)."""
-    from dataclasses import MISSING, fields
-
-    out = {}
-    for f in fields(hp):
-        if f.default is not MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not MISSING:
-            out[f.name] = f.default_factory()
-    return json.loads(json.dumps(out))
-
-
 def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT, editing_left: bool = True) -> None:
     """Pin a history to the hyper-parameters and code it started with: resuming it with others
     would silently mix two settings in one curve.  The code is ``pipeline/`` at the recorded
     commit; after it changed, the rest of a history runs from a worktree of that commit.  A
     history with every batch made (``editing_left`` false) only needs its final evaluation, which
-    edits nothing: that may run on newer code (the evaluation is bit-identical across the
-    evaluation-speed change, benchmarks/RESULTS.md), and final.json records which commit ran it."""
+    edits nothing: that may run on newer code (the evaluation is the same to the last printed digit
+    across the evaluation-speed change, benchmarks/RESULTS.md), and final.json records which commit ran it."""
     import subprocess
     from dataclasses import asdict
 
     git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)  # noqa: E731
-    wanted = json.loads(json.dumps(asdict(hp)))
     if resuming and path.exists():
         saved = json.loads(path.read_text())
-        # a field added to HParams after the history started reads as its default (as entry ids do)
-        saved_hp = {**{k: v for k, v in field_defaults(hp).items() if k not in saved["hparams"]}, **saved["hparams"]}
-        if saved_hp != wanted:
-            diff = sorted(k for k in wanted.keys() | saved_hp.keys() if wanted.get(k) != saved_hp.get(k))
+        # compared in the canonical form of entry ids: a field added to HParams after the history
+        # started reads as its default
+        canonical = lambda h: json.loads(json.dumps(h.to_dict()))  # noqa: E731
+        now, then = canonical(hp), canonical(type(hp).from_dict(saved["hparams"]))
+        if now != then:
+            diff = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
             raise SystemExit(f"error: {path.parent} was started with other hyper-parameters ({', '.join(diff)}); "
                              f"delete {path.parent} to start it again")
         commit = saved.get("commit")
@@ -306,7 +294,8 @@ def check_settings(path: Path, hp, resuming: bool, root: Path = ROOT, editing_le
                              f"({', '.join(changed)}); continue it on its own code: git worktree add ../lifelong-code "
                              f"{commit[:10]}, then run benchmarks/lifelong.py there with --out {path.parents[2]}")
         return
-    path.write_text(json.dumps({"hparams": wanted, "commit": head_commit(root)}, indent=2) + "\n")
+    path.write_text(json.dumps({"hparams": json.loads(json.dumps(asdict(hp))), "commit": head_commit(root)}, indent=2)
+                    + "\n")
 
 
 def main(variants: str = "pmet,memit", n: int = FULL_N, batch: int = 100, start: int = 0,
