@@ -367,6 +367,27 @@ def test_second_writer_is_refused_while_readers_work(setup, base):
     assert ids(entries(L)) == [e1.id, e2.id]
 
 
+
+@pytest.mark.parametrize("pid_after_s, named", [(0.3, True), (None, False)])
+def test_refused_writer_waits_briefly_for_the_holders_pid(tmp_path, pid_after_s, named):
+    """A writer refused in the window between the holder's flock and its pid write names the pid."""
+    L = tmp_path / "ledger"
+    L.mkdir()
+    write = f"time.sleep({pid_after_s}); os.write(fd, b'%d' % os.getpid()); " if named else ""
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); print('locked', flush=True); "
+            f"{write}time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(L / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(LedgerLockedError, match=f"process {child.pid}" if named else "another process"):
+            LedgerLock(L).acquire()
+    finally:
+        child.kill()
+        child.wait()
+    with LedgerLock(L) as lock:  # the holder died: free again
+        assert lock.held
+
 # --------------------------------------------------------------------------------- tamper checks
 
 def _busy_ledger(L, model, base, fp):

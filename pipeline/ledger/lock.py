@@ -4,7 +4,8 @@ Two writers appending at once would both pick the same sequence number and paren
 chain, so every append holds an exclusive ``fcntl.flock`` on ``<ledger>/.lock``.  ``flock`` is
 released by the kernel when the holder dies (even on ``kill -9``), so a crashed writer never leaves
 a stale lock behind.  The lock is non-blocking: a second writer fails at once with
-:class:`LedgerLockedError` naming the holder's pid (written into the lock file).  Readers never take
+:class:`LedgerLockedError` naming the holder's pid (written into the lock file; looked for again
+for a moment if the holder has not written it yet).  Readers never take
 the lock: they only look at committed entries, which appear atomically.
 """
 
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from pipeline.ledger.errors import LedgerLockedError
 from pipeline.ledger.faults import fault_point
 
 LOCK_FILE = ".lock"
+# How long a refused writer looks for the holder's pid (written microseconds after its flock).
+HOLDER_WAIT_S = 2.0
 
 __all__ = ["LOCK_FILE", "LedgerLock", "LedgerLockedError", "lock_holder"]
 
@@ -53,10 +57,7 @@ class LedgerLock:
         self.ledger_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LedgerLockedError(str(self.path), lock_holder(self.ledger_dir)) from None
+            self._lock_or_name_holder(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -65,6 +66,25 @@ class LedgerLock:
         self._fd = fd
         fault_point("lock:acquired")
         return self
+
+    def _lock_or_name_holder(self, fd: int) -> None:
+        """Take the lock, or raise naming the holder.
+
+        The holder writes its pid just after ``flock`` and empties the file just before unlocking,
+        so a refused writer can land in either window and read an empty file.  Rather than answer
+        "another process", it looks again for up to :data:`HOLDER_WAIT_S`: either the pid appears
+        or the holder is gone and this writer takes the lock after all (still never two writers).
+        """
+        deadline = time.monotonic() + HOLDER_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pid = lock_holder(self.ledger_dir)
+                if pid is not None or time.monotonic() >= deadline:
+                    raise LedgerLockedError(str(self.path), pid) from None
+                time.sleep(0.01)
 
     def release(self) -> None:
         if self._fd is None:
