@@ -70,6 +70,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "memit+encore": ("memit", {"argmax_stop_steps": 2, "norm_weight": 10.0}),
     # the joint rule: every batch solved together with the keys of all earlier ones (= one batch of all)
     "memit+joint": ("memit", {"solver": "joint"}),
+    # the joint rule with ten times the covariance weight (benchmarks/replay_sweep.py: a tenth of the drift)
+    "memit+joint-10k": ("memit", {"solver": "joint", "mom2_update_weight": 10000}),
     "pmet+joint": ("pmet", {"solver": "joint"}),
     "memit+joint+mpes": ("memit", {"solver": "joint", "argmax_stop_steps": 2}),
     "pmet+nas": ("pmet", {"norm_anchor": True, "norm_anchor_skip": 3.0}),

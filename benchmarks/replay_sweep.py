@@ -1,0 +1,112 @@
+"""Issue 18 §6: update-rule settings tried on a whole recorded stream, without optimising a value.
+
+A lifelong stream's cost is the value optimisation (≈ 400 s per batch of 100 on one core); the
+update rule (solver, λ, null-space share, α, norm term) only spreads the targets it was given.  So
+a finished stream's committed targets (``targets/NNNN.safetensors`` of ``benchmarks/lifelong.py``)
+are spread again, batch after batch, under other rule settings — the history each setting would
+have written *had its targets been the recorded ones* (keys, residuals and ``K_p`` are read on the
+model that setting edited, exactly as the ledger's ``apply`` stage replays an entry).  This is a
+proxy: a real stream optimises its targets on its own edited model (for MEMIT the target is the
+last edited layer's output, so a setting that writes less leaves a larger gap for the next batch's
+optimisation to close, which the replay does not).  It ranks settings by the perplexity drift a
+whole stream causes at ~25 s per batch instead of ~500; the winner is then checked on a real stream.
+
+Per point: ‖W‖/‖W₀‖ after every batch, ME-PPL-50 every ``--ppl-every`` batches, and at the end the
+teacher-forced metrics of a seeded sample of the stream's edits.  The setting the targets were
+recorded with reproduces the stream itself (its curve's norms: checked, as a sanity row).
+
+    python benchmarks/replay_sweep.py --source benchmarks/results/lifelong_n2000_b100_s0/memit+ns \\
+        --points '[{"solver": "joint", "mom2_update_weight": 10000}]'
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lifelong import (VARIANTS, append_jsonl, load_targets, norm_ratios, pick, read_jsonl,  # noqa: E402
+                      variant_hparams)
+
+
+def sample_indices(n: int, k: int, seed: int = 0) -> list[int]:
+    """A seeded sample of ``k`` of the stream's ``n`` edits (sorted), the same for every point."""
+    return sorted(random.Random(seed).sample(range(n), min(k, n)))
+
+
+def main(source: Path = typer.Option(..., help="a variant directory of a lifelong run"),
+         points: str = typer.Option(..., help="JSON list of overrides"), batch: int = 100, start: int = 0, sample: int = 200, ppl_every: int = 5,
+         batches: int = 0, hparams: str = "smollm2-135m-instruct", out: Path | None = None):
+    """Spread ``source``'s recorded targets under each point of ``points`` (JSON list of overrides
+    on the source variant's settings); one JSON row per point appended to ``out``."""
+    import torch
+
+    from pipeline.data import me_ppl_texts, sample_records
+    from pipeline.editing.engine import edit
+    from pipeline.editing.history import extended
+    from pipeline.evaluation.perplexity import perplexity
+    from pipeline.evaluation.protocols import evaluate
+    from pipeline.models.loading import load_model
+    from pipeline.requests import parse_requests
+
+    variant = source.name
+    if variant not in VARIANTS:
+        raise typer.BadParameter(f"{source} is not a variant directory of benchmarks/lifelong.py")
+    settings = json.loads((source / "settings.json").read_text())["hparams"]
+    n_batches = batches or len(read_jsonl(source / "curve.jsonl"))
+    stored = [source / "targets" / f"{b + 1:04d}.safetensors" for b in range(n_batches)]
+    if missing := [p.name for p in stored if not p.exists()]:
+        raise typer.BadParameter(f"{source} lacks the targets {', '.join(missing[:3])}")
+    out = out or source.parent.parent / f"replay_sweep_{source.parent.name}_{variant}.jsonl"
+    torch.manual_seed(0)
+    lm = load_model()
+    model, tok = lm.model, lm.tokenizer
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    n = n_batches * batch
+    reqs = parse_requests(copy.deepcopy(sample_records("counterfact", start, n)))
+    chosen = sample_indices(n, sample)
+    texts = me_ppl_texts()
+    for point in json.loads(points):
+        method, hp = variant_hparams(variant, hparams, {**settings, **point})
+        model.load_state_dict(base_state)
+        history: dict = {}
+        changed: set[str] = set()
+        curve = []
+        t_start = time.perf_counter()
+        for b, path in enumerate(stored):
+            res = edit(model, tok, reqs[b * batch:(b + 1) * batch], method=method, hparams=hp, apply=True,
+                       fingerprint=lm.fingerprint, progress=False, history=history or None, replay=load_targets(path))
+            history = extended(history, res.keys)
+            changed |= set(res.deltas)
+            norms = norm_ratios(model.state_dict(), base_state, changed)
+            ppl = perplexity(model, tok, texts) if (b + 1) % ppl_every == 0 else None
+            curve.append({"edits": (b + 1) * batch, "max_norm_ratio": max(norms.values()), "me_ppl_50": ppl})
+            typer.echo(f"{json.dumps(point)} batch {b + 1}: max ‖W‖/‖W₀‖ {curve[-1]['max_norm_ratio']:.3f}"
+                       + (f", ME-PPL-50 {ppl:.1f}" if ppl else ""), err=True)
+        edit_s = time.perf_counter() - t_start
+        recorded = [r["max_norm_ratio"] for r in read_jsonl(source / "curve.jsonl")[:n_batches]]
+        drift = max(abs(r["max_norm_ratio"] - x) for r, x in zip(curve, recorded))
+        metrics, _ = evaluate(model, tok, [reqs[i] for i in chosen])
+        row = {"source": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
+               "point": point, "method": method, "edits": n, "sample": len(chosen), **pick(metrics),
+               "me_ppl_50": curve[-1]["me_ppl_50"] or perplexity(model, tok, texts),
+               "max_norm_ratio": curve[-1]["max_norm_ratio"], "curve": curve, "spread_s": round(edit_s, 1),
+               # the recorded setting itself ({}) must reproduce the stream's norms (a check of the replay)
+               "norm_drift_from_source": drift if not point else None,
+               "threads": torch.get_num_threads()}
+        append_jsonl(out, row)
+        typer.echo(json.dumps({k: v for k, v in row.items() if k != "curve"}))
+    model.load_state_dict(base_state)
+
+
+if __name__ == "__main__":
+    typer.run(main)
