@@ -72,6 +72,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "memit+joint": ("memit", {"solver": "joint"}),
     # the joint rule with ten times the covariance weight (benchmarks/replay_sweep.py: a tenth of the drift)
     "memit+joint-10k": ("memit", {"solver": "joint", "mom2_update_weight": 10000}),
+    # the joint rule spread over 8 layers instead of 5: each layer writes less of the same targets
+    "memit+joint-l1-8": ("memit", {"solver": "joint", "layers": [1, 2, 3, 4, 5, 6, 7, 8]}),
     "pmet+joint": ("pmet", {"solver": "joint"}),
     "memit+joint+mpes": ("memit", {"solver": "joint", "argmax_stop_steps": 2}),
     "pmet+nas": ("pmet", {"norm_anchor": True, "norm_anchor_skip": 3.0}),

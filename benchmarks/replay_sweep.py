@@ -26,6 +26,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -43,16 +44,41 @@ def sample_indices(n: int, k: int, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), min(k, n)))
 
 
+def spread_history(model, tok, fingerprint: str, reqs: list, stored: list[Path], method: str, hp, batch: int,
+                   base_state: dict, ppl: Callable[[], float], ppl_every: int,
+                   report: Callable[[dict], None] = lambda row: None, **edit_kw) -> list[dict]:
+    """Edit ``model`` (at ``base_state``) with the recorded targets ``stored``, batch after batch, under
+    ``hp``: keys, residuals and the history ``Σ KᵀK`` are read on the model this history edited.
+    One row per batch: edits so far, max ‖W‖/‖W₀‖ and (every ``ppl_every`` batches) ``ppl()``;
+    ``edit_kw`` go to :func:`~pipeline.editing.engine.edit` (a corpus and cache other than the default)."""
+    from pipeline.editing.engine import edit
+    from pipeline.editing.history import extended
+
+    history: dict = {}
+    changed: set[str] = set()
+    curve = []
+    for b, path in enumerate(stored):
+        res = edit(model, tok, reqs[b * batch:(b + 1) * batch], method=method, hparams=hp, apply=True,
+                   fingerprint=fingerprint, progress=False, history=history or None, replay=load_targets(path),
+                   **edit_kw)
+        history = extended(history, res.keys)
+        changed |= set(res.deltas)
+        norms = norm_ratios(model.state_dict(), base_state, changed)
+        curve.append({"edits": (b + 1) * batch, "max_norm_ratio": max(norms.values()),
+                      "me_ppl_50": ppl() if (b + 1) % ppl_every == 0 else None})
+        report(curve[-1])
+    return curve
+
+
 def main(source: Path = typer.Option(..., help="a variant directory of a lifelong run"),
-         points: str = typer.Option(..., help="JSON list of overrides"), batch: int = 100, start: int = 0, sample: int = 200, ppl_every: int = 5,
-         batches: int = 0, hparams: str = "smollm2-135m-instruct", out: Path | None = None):
+         points: str = typer.Option(..., help="JSON list of overrides"), batch: int = 100, start: int = 0,
+         sample: int = 200, ppl_every: int = 5, batches: int = 0, hparams: str = "smollm2-135m-instruct",
+         out: Path | None = None):
     """Spread ``source``'s recorded targets under each point of ``points`` (JSON list of overrides
     on the source variant's settings); one JSON row per point appended to ``out``."""
     import torch
 
     from pipeline.data import me_ppl_texts, sample_records
-    from pipeline.editing.engine import edit
-    from pipeline.editing.history import extended
     from pipeline.evaluation.perplexity import perplexity
     from pipeline.evaluation.protocols import evaluate
     from pipeline.models.loading import load_model
@@ -78,20 +104,10 @@ def main(source: Path = typer.Option(..., help="a variant directory of a lifelon
     for point in json.loads(points):
         method, hp = variant_hparams(variant, hparams, {**settings, **point})
         model.load_state_dict(base_state)
-        history: dict = {}
-        changed: set[str] = set()
-        curve = []
         t_start = time.perf_counter()
-        for b, path in enumerate(stored):
-            res = edit(model, tok, reqs[b * batch:(b + 1) * batch], method=method, hparams=hp, apply=True,
-                       fingerprint=lm.fingerprint, progress=False, history=history or None, replay=load_targets(path))
-            history = extended(history, res.keys)
-            changed |= set(res.deltas)
-            norms = norm_ratios(model.state_dict(), base_state, changed)
-            ppl = perplexity(model, tok, texts) if (b + 1) % ppl_every == 0 else None
-            curve.append({"edits": (b + 1) * batch, "max_norm_ratio": max(norms.values()), "me_ppl_50": ppl})
-            typer.echo(f"{json.dumps(point)} batch {b + 1}: max ‖W‖/‖W₀‖ {curve[-1]['max_norm_ratio']:.3f}"
-                       + (f", ME-PPL-50 {ppl:.1f}" if ppl else ""), err=True)
+        curve = spread_history(model, tok, lm.fingerprint, reqs, stored, method, hp, batch, base_state,
+                               lambda: perplexity(model, tok, texts), ppl_every,
+                               lambda row: typer.echo(f"{json.dumps(point)} {json.dumps(row)}", err=True))
         edit_s = time.perf_counter() - t_start
         recorded = [r["max_norm_ratio"] for r in read_jsonl(source / "curve.jsonl")[:n_batches]]
         drift = max(abs(r["max_norm_ratio"] - x) for r, x in zip(curve, recorded))

@@ -158,3 +158,46 @@ def test_a_longer_stream_is_seeded_with_the_batches_a_shorter_one_made_on_the_sa
     for n, batch, start in ((10000, 1, 0), (1000, 100, 0), (10000, 100, 10000)):  # not its first batches
         with pytest.raises(ll.typer.BadParameter, match="not the first batches"):
             ll.seed_variant(src, tmp_path / "other" / "memit+joint", n, batch, start)
+
+
+def test_a_recorded_stream_is_spread_again_under_other_rule_settings(ll, llama, corpus_path, tmp_path):
+    """benchmarks/replay_sweep.py: the recorded settings give the recorded history back bit for bit;
+    a larger λ spreads the same targets into smaller updates."""
+    import copy
+
+    import torch
+
+    import pipeline
+    from benchmark_support import load_benchmark
+    from conftest import COUNTERFACT_RECORDS
+    from pipeline.editing.history import extended
+    from test_constrained import HP
+
+    sweep = load_benchmark("replay_sweep")
+    model, tok = llama
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    reqs = copy.deepcopy(COUNTERFACT_RECORDS[:4])
+    hp = HP.replace(solver="joint")
+    kw = dict(corpus=corpus_path, cache_dir=tmp_path / "cov")
+    history, stored = {}, []
+    for b in range(2):  # a two-batch stream, recorded as benchmarks/lifelong.py records it
+        res = pipeline.edit(model, tok, reqs[2 * b:2 * b + 2], method="memit", hparams=hp, apply=True,
+                            fingerprint="fp", progress=False, history=history or None, **kw)  # base covariance
+        history = extended(history, res.keys)
+        stored.append(tmp_path / "targets" / f"{b + 1:04d}.safetensors")
+        ll.save_targets(stored[-1], res)
+    recorded = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        curves = {}
+        for lam in (hp.mom2_update_weight, 100 * hp.mom2_update_weight):
+            model.load_state_dict(base)
+            curves[lam] = sweep.spread_history(model, tok, "fp", pipeline.parse_requests(copy.deepcopy(reqs)),
+                                               stored, "memit", hp.replace(mom2_update_weight=lam), 2, base,
+                                               lambda: 1.0, 2, **kw)
+            if lam == hp.mom2_update_weight:
+                assert all(torch.equal(v, recorded[k]) for k, v in model.state_dict().items())
+        small, large = curves.values()
+        assert [r["edits"] for r in small] == [2, 4] and [r["me_ppl_50"] for r in small] == [None, 1.0]
+        assert large[-1]["max_norm_ratio"] - 1 < small[-1]["max_norm_ratio"] - 1
+    finally:
+        model.load_state_dict(base)
