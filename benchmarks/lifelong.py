@@ -70,7 +70,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "memit+encore": ("memit", {"argmax_stop_steps": 2, "norm_weight": 10.0}),
     # the joint rule: every batch solved together with the keys of all earlier ones (= one batch of all)
     "memit+joint": ("memit", {"solver": "joint"}),
-    # the joint rule with ten times the covariance weight (benchmarks/replay_sweep.py: a tenth of the drift)
+    # the joint rule with 5 and 10 times the covariance weight (chosen by benchmarks/replay_sweep.py)
+    "memit+joint-5k": ("memit", {"solver": "joint", "mom2_update_weight": 5000}),
     "memit+joint-10k": ("memit", {"solver": "joint", "mom2_update_weight": 10000}),
     # the joint rule spread over 8 layers instead of 5: each layer writes less of the same targets
     "memit+joint-l1-8": ("memit", {"solver": "joint", "layers": [1, 2, 3, 4, 5, 6, 7, 8]}),
