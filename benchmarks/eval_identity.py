@@ -102,11 +102,11 @@ def main(project: Path, out: Path = ROOT / "benchmarks" / "results" / "eval_iden
     with tempfile.TemporaryDirectory(dir=project.parent) as tmp:
         copy = Path(tmp) / project.name
         hardlinked_copy(project, copy)
+        # the evaluation cache off: every number is computed by this code, none read back
+        env = {**os.environ, "EDITLEDGER_EVAL_CACHE": "off",
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # this venv's dvc
         for b in batches:
             stage = f"ledger/{b.name}/dvc.yaml:evaluate"
-            # the evaluation cache off: every number is computed by this code, none read back
-            env = {**os.environ, "EDITLEDGER_EVAL_CACHE": "off",
-                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # this venv's dvc
             done = subprocess.run(["dvc", "repro", "-f", "-s", stage], cwd=copy, capture_output=True, text=True, env=env)
             if done.returncode:
                 raise SystemExit(f"error: dvc repro -f -s {stage} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")

@@ -89,7 +89,8 @@ def main(source: Path = typer.Option(..., help="a variant directory of a lifelon
     if variant not in VARIANTS:
         raise typer.BadParameter(f"{source} is not a variant directory of benchmarks/lifelong.py")
     settings = json.loads((source / "settings.json").read_text())["hparams"]
-    n_batches = batches or len(read_jsonl(source / "curve.jsonl"))
+    recorded = read_jsonl(source / "curve.jsonl")
+    n_batches = batches or len(recorded)
     stored = [source / "targets" / f"{b + 1:04d}.safetensors" for b in range(n_batches)]
     if missing := [p.name for p in stored if not p.exists()]:
         raise typer.BadParameter(f"{source} lacks the targets {', '.join(missing[:3])}")
@@ -110,15 +111,14 @@ def main(source: Path = typer.Option(..., help="a variant directory of a lifelon
                                lambda: perplexity(model, tok, texts), ppl_every,
                                lambda row: typer.echo(f"{json.dumps(point)} {json.dumps(row)}", err=True))
         edit_s = time.perf_counter() - t_start
-        recorded = [r["max_norm_ratio"] for r in read_jsonl(source / "curve.jsonl")[:n_batches]]
-        drift = max(abs(r["max_norm_ratio"] - x) for r, x in zip(curve, recorded))
         metrics, _ = evaluate(model, tok, [reqs[i] for i in chosen])
         row = {"source": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
                "point": point, "method": method, "edits": n, "sample": len(chosen), **pick(metrics),
                "me_ppl_50": curve[-1]["me_ppl_50"] or perplexity(model, tok, texts),
                "max_norm_ratio": curve[-1]["max_norm_ratio"], "curve": curve, "spread_s": round(edit_s, 1),
                # the recorded setting itself ({}) must reproduce the stream's norms (a check of the replay)
-               "norm_drift_from_source": drift if not point else None,
+               "norm_drift_from_source": None if point else max(
+                   abs(r["max_norm_ratio"] - x["max_norm_ratio"]) for r, x in zip(curve, recorded)),
                "threads": torch.get_num_threads()}
         append_jsonl(out, row)
         typer.echo(json.dumps({k: v for k, v in row.items() if k != "curve"}))
