@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -18,7 +19,7 @@ import torch
 import yaml
 
 from conftest import poison_losses
-from pipeline.editing.solvers import SOLVERS, Solver
+from pipeline.editing.solvers import SOLVERS
 from pipeline.ledger import LedgerError, active_chain, entries, materialize, verify
 from pipeline.ledger.append import append_edit
 from pipeline.models.loading import load_model, model_fingerprint
@@ -70,8 +71,9 @@ def test_a_non_finite_update_stops_the_batch_before_anything_is_written(one_batc
     ids = [e.id for e in entries(repo / "ledger")]
     d = pending_batch(repo, "b2", RECORDS[2:4])
     cli(repo, "stage", "keys-values", "--batch", d)
-    monkeypatch.setitem(SOLVERS, "closed_form", Solver(lambda system, hp: (torch.full(
-        (system.resid.shape[1], system.keys.shape[1]), float("inf")), {})))
+    for name, rule in list(SOLVERS.items()):  # whichever rule params.yaml ships, it returns inf
+        monkeypatch.setitem(SOLVERS, name, dataclasses.replace(rule, solve=lambda system, hp: (torch.full(
+            (system.resid.shape[1], system.keys.shape[1]), float("inf")), {})))
     before = tree_digest(repo)
     res = cli(repo, "stage", "apply", "--batch", d, code=2)
     assert res.stderr.strip().startswith(f"error: {d.name}: non-finite update at layer 1 (mlp_out)")
