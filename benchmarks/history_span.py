@@ -61,12 +61,16 @@ def covariance_for(cache: Path, layer: int, dtype: str):
     """The cached float second moment of ``mlp_out`` at ``layer`` computed in ``dtype``."""
     from safetensors import safe_open
 
+    found = []
     for path in sorted((cache / f"mlp_out-{layer}").glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             key = json.loads((f.metadata() or {}).get("key", "{}"))
             if key.get("dtype") == dtype and "cov" in f.keys():
-                return f.get_tensor("cov")
-    raise SystemExit(f"error: no {dtype} covariance of mlp_out-{layer} under {cache}")
+                found.append((path, f.get_tensor("cov")))
+    if len(found) != 1:  # another model or corpus has its own entry: which one the stream read is not known here
+        raise SystemExit(f"error: {len(found)} {dtype} covariances of mlp_out-{layer} under {cache}, need exactly one: "
+                         + ", ".join(p.name for p, _ in found))
+    return found[0][1]
 
 
 def main(checkpoint: list[Path] = typer.Option(...), edits: list[int] = typer.Option(...),
